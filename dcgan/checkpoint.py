@@ -1,0 +1,57 @@
+"""Training checkpoints: everything needed to resume exactly, loadable with weights_only=True.
+
+A checkpoint holds G, D, both optimizers, the step, the training config, the fixed sample
+noise and the torch RNG states, as plain tensors and Python containers only. Files are
+written to a temporary name and renamed, so a crash never leaves a truncated checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "dcgan-pipeline-checkpoint/1"
+_NAME = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupted, or belongs to an incompatible model."""
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
+    """Write atomically, then prune to the newest `keep` checkpoints."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"format": FORMAT, **state}, tmp)
+    os.replace(tmp, path)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with weights_only=True (no code runs from the file) and check its format."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a dcgan-pipeline checkpoint")
+    return state

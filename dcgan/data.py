@@ -1,0 +1,112 @@
+"""Training batches from the final WebDataset shards.
+
+Two paths, chosen by a memory budget:
+- `CachedImages`: decode every shard once into one uint8 tensor (3M LSUN images at 64 px
+  are 37 GB; the demo is 37 MB) and draw batches from per-epoch permutations that are a
+  pure function of (seed, step). Resuming at step t therefore replays exactly the same
+  batches as an uninterrupted run.
+- `stream_batches`: a stock WebDataset pipeline with DataLoader workers for sets above the
+  budget; shards are resampled with a seed derived from the resume step, so a resumed run
+  is reproducible but does not replay the exact sample order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from preprocessing.images import decode_png
+from preprocessing.sharding import read_index
+from preprocessing.tar_shards import iter_samples
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A user-facing problem with the training data."""
+
+
+def shard_urls(shards: Path, resolution: int) -> tuple[list[str], int]:
+    """Shard paths and sample count, after checking the shards match the training resolution."""
+    index = read_index(shards)
+    if index["resolution"] != resolution:
+        raise DataError(
+            f"shards in {shards} are {index['resolution']} px but training asked for {resolution} px; "
+            f"train with --resolution {index['resolution']} or re-extract at {resolution} px"
+        )
+    urls = [str(Path(shards) / s["url"]) for s in index["shardlist"]]
+    missing = [u for u in urls if not Path(u).exists()]
+    if missing:
+        raise DataError(f"{len(missing)} shard files listed in the index are missing, e.g. {missing[0]}")
+    if index["total"] < 1:
+        raise DataError(f"{shards} holds no samples")
+    return urls, int(index["total"])
+
+
+def _decode_shard(url: str) -> np.ndarray:
+    return np.stack([decode_png(files["png"]) for _, files in iter_samples(Path(url))])
+
+
+class CachedImages:
+    """All samples decoded once into an (N, 3, H, W) uint8 tensor, batches by (seed, step)."""
+
+    def __init__(self, urls: list[str], seed: int, threads: int = 4) -> None:
+        with ThreadPoolExecutor(threads) as pool:
+            arrays = list(pool.map(_decode_shard, urls))
+        self.images = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(len(self), generator=g)
+        return self._perms[epoch]
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        """The uint8 batch of `step`: positions step*B .. step*B+B-1 of the epoch permutations."""
+        n = len(self)
+        pos = torch.arange(step * batch_size, (step + 1) * batch_size)
+        epochs, offsets = pos // n, pos % n
+        idx = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            idx[sel] = self._perm(e)[offsets[sel]]
+        return self.images[idx]
+
+
+def _to_chw(sample: dict) -> torch.Tensor:
+    return torch.from_numpy(decode_png(sample["png"])).permute(2, 0, 1)
+
+
+def stream_batches(urls: list[str], batch_size: int, seed: int, workers: int) -> Iterator[torch.Tensor]:
+    """Endless uint8 batches from the shards through WebDataset + DataLoader workers."""
+    dataset = (
+        wds.WebDataset(urls, resampled=True, shardshuffle=True, seed=seed, nodesplitter=wds.split_by_node)
+        .shuffle(2000, seed=seed)
+        .map(_to_chw)
+        .batched(batch_size, partial=False)
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+    )
+    return iter(loader)
+
+
+def to_unit_range(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1] on `device` (the Tanh range of G)."""
+    return batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)

@@ -1,0 +1,82 @@
+"""The DCGAN generator and discriminator, following the paper's architecture guidelines.
+
+- strided (transposed) convolutions instead of pooling; no hidden fully connected layers;
+- z is projected and reshaped to a 4x4 map (a transposed convolution from 1x1 does both);
+- batchnorm everywhere except the generator output and the discriminator input;
+- ReLU + Tanh in G, LeakyReLU(0.2) in D; D returns logits (paired with BCEWithLogits, the
+  numerically safe form of the paper's sigmoid + log loss);
+- weights drawn from N(0, 0.02), batchnorm scales from N(1, 0.02).
+
+One block per doubling of resolution, so 32, 64 and 128 px share one definition.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+RESOLUTIONS = (32, 64, 128)
+
+
+def _depth(resolution: int) -> int:
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {resolution}")
+    return int(math.log2(resolution)) - 2  # number of stride-2 stages between 4x4 and the image
+
+
+class Generator(nn.Module):
+    def __init__(self, resolution: int = 64, nz: int = 100, ngf: int = 64, nc: int = 3) -> None:
+        super().__init__()
+        n = _depth(resolution)
+        width = ngf * 2 ** (n - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(True),
+        ]
+        for _ in range(n - 1):
+            layers += [
+                nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width // 2),
+                nn.ReLU(True),
+            ]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
+        self.main = nn.Sequential(*layers)
+        self.nz = nz
+        self.resolution = resolution
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z.view(z.shape[0], self.nz, 1, 1))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, resolution: int = 64, ndf: int = 64, nc: int = 3) -> None:
+        super().__init__()
+        n = _depth(resolution)
+        layers: list[nn.Module] = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        width = ndf
+        for _ in range(n - 1):
+            layers += [
+                nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width * 2),
+                nn.LeakyReLU(0.2, True),
+            ]
+            width *= 2
+        layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
+        self.main = nn.Sequential(*layers)
+        self.resolution = resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).flatten()
+
+
+def init_weights(module: nn.Module) -> None:
+    """The paper's initialisation: conv weights ~ N(0, 0.02); BN scale ~ N(1, 0.02), shift 0."""
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,145 @@
+"""The full DAG from one YAML config: sources -> extraction -> shards -> training -> report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from prefect import flow, task
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dcgan.models import RESOLUTIONS
+from flows.lsun import lsun_extract_flow
+from flows.shard import shard_flow
+from flows.train import train_flow
+from preprocessing.demo_data import build_demo_lmdb
+from preprocessing.images import DEFAULT_MAX_PIXELS
+
+STAGES = ("extract", "shard")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LsunSource(_Strict):
+    type: Literal["lsun"] = "lsun"
+    db: str
+    name: str | None = None
+
+
+class DemoSource(_Strict):
+    """Photos bundled with scikit-image, cut into an LSUN-format LMDB under the work directory."""
+
+    type: Literal["demo"] = "demo"
+    records: int = Field(3000, ge=1)
+    seed: int = 0
+
+
+class ExtractSettings(_Strict):
+    size: int = Field(64, ge=8, le=1024)
+    part_size: int = Field(10_000, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    min_side: int = Field(1, ge=1)
+
+
+class ShardSettings(_Strict):
+    maxcount: int = Field(10_000, ge=1)
+    maxsize: int = Field(1 << 30, ge=1024)
+    seed: int = 0
+
+
+class TrainSettings(_Strict):
+    enabled: bool = True
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=1)
+    device: str = "auto"
+    seed: int = 0
+    lr: float = Field(2e-4, gt=0)
+    beta1: float = Field(0.5, ge=0, lt=1)
+    nz: int = Field(100, ge=1)
+    ngf: int = Field(64, ge=1)
+    ndf: int = Field(64, ge=1)
+    sample_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+
+
+class PipelineConfig(_Strict):
+    work: str
+    sources: list[Annotated[LsunSource | DemoSource, Field(discriminator="type")]] = Field(min_length=1)
+    extract: ExtractSettings = ExtractSettings()
+    shard: ShardSettings = ShardSettings()
+    train: TrainSettings = TrainSettings()
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Parse and validate a pipeline YAML file; errors name the offending field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file not found: {p}")
+    try:
+        return PipelineConfig.model_validate(yaml.safe_load(p.read_text()) or {})
+    except ValidationError as exc:
+        raise ValueError(f"invalid config {p}:\n{exc}") from exc
+
+
+@task
+def build_demo_source(work: str, records: int, seed: int) -> str:
+    return str(build_demo_lmdb(Path(work) / "sources" / "demo_train_lmdb", records, seed))
+
+
+@task
+def write_pipeline_report(work: str) -> str:
+    """Concatenate the stage reports into `work/report.md`."""
+    reports = Path(work) / "reports"
+    parts = [p.read_text() for p in sorted(reports.glob("extract-*.md"))]
+    parts += [p.read_text() for p in [reports / "shards.md"] if p.exists()]
+    parts += [p.read_text() for p in sorted(reports.glob("train-*.md"), key=lambda p: p.stat().st_mtime)[-1:]]
+    text = "\n\n".join(t.replace("](", "](reports/") for t in parts)
+    path = Path(work) / "report.md"
+    path.write_text(text)
+    return str(path)
+
+
+@flow(name="pipeline")
+def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None = None) -> dict:
+    """Run every stage of the config in order; `refresh` names stages to redo from scratch."""
+    cfg = load_config(config)
+    refresh = refresh or []
+    unknown = sorted(set(refresh) - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stages in refresh: {unknown}; choose from {STAGES}")
+    if cfg.train.enabled and cfg.extract.size not in RESOLUTIONS:
+        raise ValueError(f"training needs extract.size in {RESOLUTIONS}, got {cfg.extract.size}")
+    dbs: list[str] = []
+    names: list[str | None] = []
+    for src in cfg.sources:
+        if isinstance(src, DemoSource):
+            dbs.append(build_demo_source(cfg.work, src.records, src.seed))
+            names.append("demo")
+        else:
+            dbs.append(src.db)
+            names.append(src.name)
+    ex = cfg.extract
+    extracted = [
+        lsun_extract_flow(
+            [db],
+            cfg.work,
+            size=ex.size,
+            part_size=ex.part_size,
+            names=[name] if name else None,
+            max_pixels=ex.max_pixels,
+            min_side=ex.min_side,
+            refresh="extract" in refresh,
+        )[0]
+        for db, name in zip(dbs, names, strict=True)
+    ]
+    shards = shard_flow(cfg.work, cfg.shard.maxcount, cfg.shard.maxsize, cfg.shard.seed, refresh="shard" in refresh)
+    trained = None
+    if cfg.train.enabled:
+        t = cfg.train.model_dump(exclude={"enabled"})
+        trained = train_flow(cfg.work, resolution=ex.size, **t)
+    report = write_pipeline_report(cfg.work)
+    return {"extract": extracted, "shards": shards, "train": trained, "report": report}

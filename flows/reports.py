@@ -1,0 +1,47 @@
+"""Stage reports: one markdown text, published as a Prefect artifact and saved under the work dir.
+
+The artifact embeds its image as a data: URI (the Prefect UI does not render file:// links);
+the file copy links a PNG saved next to it, so the report stays small and readable offline.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import cv2
+import numpy as np
+from prefect.artifacts import create_markdown_artifact
+
+from preprocessing.tar_shards import atomic_write_bytes
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def publish(work: Path, name: str, markdown: str, image: np.ndarray | bytes | None = None) -> Path:
+    """Write `work/reports/<name>.md` (+ `<name>.png`) and create artifact `<name>`; returns the file."""
+    reports = Path(work) / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    file_md, artifact_md = markdown, markdown
+    if image is not None:
+        png = image if isinstance(image, bytes) else _png(image)
+        atomic_write_bytes(reports / f"{key}.png", png)
+        file_md += f"\n![{name}]({key}.png)\n"
+        artifact_md += f"\n![{name}](data:image/png;base64,{base64.b64encode(png).decode()})\n"
+    path = reports / f"{key}.md"
+    atomic_write_bytes(path, file_md.encode())
+    create_markdown_artifact(artifact_md, key=key, description=f"dcgan-pipeline: {name}")
+    return path
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    """A small markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,52 @@
+"""Sharding flow: the clean set as shuffled WebDataset shards with a wids-style index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.caching import FileFingerprint
+from flows.reports import publish, table
+from preprocessing.preview import grid_from_shards
+from preprocessing.sharding import build_shards
+
+
+def _shard_inputs(inputs: dict) -> list[Path]:
+    work = Path(inputs["work"])
+    return sorted(work.glob("extract/*/manifest.parquet")) + [work / "dedup" / "codes.parquet"]
+
+
+def _shard_outputs(inputs: dict) -> list[Path]:
+    return [Path(inputs["work"]) / "shards" / "index.json"]
+
+
+@task(cache_policy=FileFingerprint(outputs=_shard_outputs, derived=_shard_inputs), persist_result=True, retries=1)
+def write_shards(work: str, maxcount: int, maxsize: int, seed: int) -> dict:
+    index = build_shards(Path(work), maxcount=maxcount, maxsize=maxsize, seed=seed)
+    md = "# Shards\n\n" + table(
+        [
+            ("samples", index["total"]),
+            ("shards", len(index["shardlist"])),
+            ("resolution", index["resolution"]),
+            ("seed", seed),
+            ("fingerprint", index["fingerprint"][:16]),
+        ],
+        ("", "value"),
+    )
+    md += "\n## Samples per source\n\n" + table(sorted(index["sources"].items()), ("source", "samples"))
+    shards = Path(work) / "shards"
+    publish(Path(work), "shards", md, grid_from_shards([shards / index["shardlist"][0]["url"]]))
+    return {
+        "shards": str(shards),
+        "total": index["total"],
+        "count": len(index["shardlist"]),
+        "resolution": index["resolution"],
+    }
+
+
+@flow(name="shard")
+def shard_flow(work: str, maxcount: int = 10_000, maxsize: int = 1 << 30, seed: int = 0, refresh: bool = False) -> dict:
+    """Write `work/shards/` from every extracted source (honouring dedup keep flags when present)."""
+    task_ = write_shards.with_options(refresh_cache=True) if refresh else write_shards
+    return task_(work, maxcount, maxsize, seed)

@@ -1,0 +1,168 @@
+"""Final WebDataset shards: every kept item of every extracted source, shuffled with a seed.
+
+Reads `work/extract/<source>/{manifest.parquet, part-*.tar, plan.json}`, honours the dedup
+`keep` flags when `work/dedup/codes.parquet` exists, and swaps a complete new `shards/`
+directory into place, so readers never see a half-written set. The index is wids-style
+(`shardlist` with `nsamples`) plus our resolution and provenance fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from preprocessing.tar_shards import Member, TarShardWriter, atomic_write_json, index_tar, read_member
+
+log = logging.getLogger(__name__)
+
+INDEX_KIND = "wids-shard-index-v1"
+
+
+class ShardError(ValueError):
+    """A user-facing problem with the inputs or parameters of sharding."""
+
+
+def extracted_sources(work: Path) -> list[Path]:
+    """Extract directories that hold a complete (merged) manifest."""
+    return sorted(p.parent for p in (Path(work) / "extract").glob("*/manifest.parquet"))
+
+
+def _kept_keys(work: Path, source: str, ok_keys: list[str]) -> list[str]:
+    codes = Path(work) / "dedup" / "codes.parquet"
+    if not codes.exists():
+        return ok_keys
+    table = pq.read_table(codes, columns=["key", "source", "keep"])
+    table = table.filter(pc.and_(pc.equal(table["source"], source), table["keep"]))
+    keep = set(table["key"].to_pylist())
+    return [k for k in ok_keys if k in keep]
+
+
+Item = tuple[str, str, Member, Member]  # (key, staging tar path, png member, json member)
+
+
+def _source_items(src_dir: Path, work: Path) -> tuple[int, list[Item]]:
+    """(resolution, items) for the kept items of one source."""
+    plan = json.loads((src_dir / "plan.json").read_text())
+    table = pq.read_table(src_dir / "manifest.parquet", columns=["key", "status", "part"])
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    keys = _kept_keys(work, src_dir.name, ok["key"].to_pylist())
+    members: dict[str, tuple[str, dict[str, Member]]] = {}
+    for tar in sorted(src_dir.glob("part-*.tar")):
+        for m in index_tar(tar):
+            members.setdefault(m.key, (str(tar), {}))[1][m.ext] = m
+    items = []
+    for key in keys:
+        tar, files = members.get(key, ("", {}))
+        if "png" not in files or "json" not in files:
+            raise ShardError(f"{src_dir}: kept item {key} is missing from the staging shards; re-extract")
+        items.append((key, tar, files["png"], files["json"]))
+    return int(plan["settings"]["size"]), items
+
+
+def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, seed: int = 0) -> dict:
+    """Write `work/shards/train-%06d.tar` + `index.json`; returns the index."""
+    if maxcount < 1 or maxsize < 1024:
+        raise ShardError(f"maxcount must be >= 1 and maxsize >= 1024 bytes (got {maxcount}, {maxsize})")
+    work = Path(work)
+    sources = extracted_sources(work)
+    if not sources:
+        raise ShardError(f"no extracted data under {work / 'extract'}: run an extraction stage first")
+    t0 = time.perf_counter()
+    digest = hashlib.sha256(f"{maxcount}:{maxsize}:{seed}".encode())
+    items: list[Item] = []
+    sizes: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for src in sources:
+        size, src_items = _source_items(src, work)
+        sizes[src.name] = size
+        counts[src.name] = len(src_items)
+        items += [(f"{src.name}/{key}", tar, png, meta) for key, tar, png, meta in src_items]
+        digest.update((src / "manifest.parquet").read_bytes())
+    if len(set(sizes.values())) != 1:
+        raise ShardError(f"sources were extracted at different sizes {sizes}; re-extract them at one size")
+    if not items:
+        raise ShardError(f"no usable images in {', '.join(sizes)}: every item was rejected or removed")
+    resolution = sizes[sources[0].name]
+    order = np.random.default_rng(seed).permutation(len(items))
+
+    final = work / "shards"
+    tmp = work / f".shards.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shardlist: list[dict] = []
+    handles: dict[str, BinaryIO] = {}
+    writer: TarShardWriter | None = None
+    written = 0
+    try:
+        for pos in order:
+            key, tar, png, meta = items[pos]
+            if writer is None or writer.count >= maxcount or written >= maxsize:
+                if writer is not None:
+                    writer.close()
+                    shardlist.append({"url": writer.path.name, "nsamples": writer.count})
+                writer = TarShardWriter(tmp / f"train-{len(shardlist):06d}.tar")
+                written = 0
+            if tar not in handles:
+                handles[tar] = open(tar, "rb")  # noqa: SIM115 - closed in finally
+            writer.write(key, {"png": read_member(handles[tar], png), "json": read_member(handles[tar], meta)})
+            written += png.size + meta.size + 1024
+        assert writer is not None
+        writer.close()
+        shardlist.append({"url": writer.path.name, "nsamples": writer.count})
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for fh in handles.values():
+            fh.close()
+    for entry in shardlist:
+        entry["filesize"] = (tmp / entry["url"]).stat().st_size
+    index = {
+        "__kind__": INDEX_KIND,
+        "wids_version": 1,
+        "name": "train",
+        "shardlist": shardlist,
+        "total": len(items),
+        "resolution": resolution,
+        "sources": counts,
+        "seed": seed,
+        "fingerprint": digest.hexdigest(),
+    }
+    atomic_write_json(tmp / "index.json", index)
+    _swap_dir(tmp, final)
+    log.info(
+        "wrote %d samples in %d shards to %s (%.1f s)", len(items), len(shardlist), final, time.perf_counter() - t0
+    )
+    return index
+
+
+def _swap_dir(new: Path, final: Path) -> None:
+    """Replace `final` by `new` with renames only: a crash leaves the old or the new set, never a mix."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_index(shards: Path) -> dict:
+    """Load and sanity-check `shards/index.json`."""
+    path = Path(shards) / "index.json"
+    if not path.exists():
+        raise ShardError(f"no shard index at {path}: run the shard stage first")
+    index = json.loads(path.read_text())
+    if index.get("__kind__") != INDEX_KIND or not index.get("shardlist"):
+        raise ShardError(f"{path} is not a dcgan-pipeline shard index")
+    return index
