@@ -92,10 +92,10 @@ def _to_chw(sample: dict) -> torch.Tensor:
 def stream_batches(urls: list[str], batch_size: int, seed: int, workers: int) -> Iterator[torch.Tensor]:
     """Endless uint8 batches from the shards through WebDataset + DataLoader workers."""
     dataset = (
-        wds.WebDataset(urls, resampled=True, shardshuffle=True, seed=seed, nodesplitter=wds.split_by_node)
+        wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed, nodesplitter=wds.split_by_node)
         .shuffle(2000, seed=seed)
         .map(_to_chw)
-        .batched(batch_size, partial=False)
+        .batched(batch_size, collation_fn=torch.stack, partial=False)
     )
     loader = torch.utils.data.DataLoader(
         dataset,

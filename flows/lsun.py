@@ -11,9 +11,16 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import FileFingerprint
 from flows.reports import publish, table
-from flows.runtime import share_api_with_subprocesses
+from flows.runtime import api_shared_with_subprocesses
 from preprocessing.images import DEFAULT_MAX_PIXELS
-from preprocessing.lsun import Partition, extract_partition, prepare_extraction, resolve_db, source_name
+from preprocessing.lsun import (
+    Partition,
+    default_min_side,
+    extract_partition,
+    prepare_extraction,
+    resolve_db,
+    source_name,
+)
 from preprocessing.manifest import merge_part_manifests
 from preprocessing.preview import grid_from_shards
 
@@ -86,7 +93,7 @@ def lsun_extract_flow(
     part_size: int = 10_000,
     names: list[str] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = 1,
+    min_side: int | None = None,
     refresh: bool = False,
 ) -> list[dict]:
     """Extract center crops of `size` px from LSUN LMDBs into `work/extract/<source>/`.
@@ -100,7 +107,7 @@ def lsun_extract_flow(
         raise ValueError("names must give one source name per database")
     for path in db:  # fail fast, before any work is scheduled
         resolve_db(path)
-    share_api_with_subprocesses()
+    min_side = min_side or default_min_side(size)
     results = []
     for i, path in enumerate(db):
         out_dir, parts = plan_lsun(
@@ -108,7 +115,8 @@ def lsun_extract_flow(
         )
         t0 = time.perf_counter()
         task_ = extract_lsun_part.with_options(refresh_cache=True) if refresh else extract_lsun_part
-        futures = task_.map(parts, unmapped(out_dir), unmapped(size), unmapped(max_pixels), unmapped(min_side))
-        summaries = futures.result()
+        with api_shared_with_subprocesses():
+            futures = task_.map(parts, unmapped(out_dir), unmapped(size), unmapped(max_pixels), unmapped(min_side))
+            summaries = futures.result()
         results.append(merge_lsun(out_dir, summaries, time.perf_counter() - t0))
     return results

@@ -41,7 +41,7 @@ class ExtractSettings(_Strict):
     size: int = Field(64, ge=8, le=1024)
     part_size: int = Field(10_000, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    min_side: int = Field(1, ge=1)
+    min_side: int | None = Field(None, ge=1, description="default: half the crop size")
 
 
 class ShardSettings(_Strict):

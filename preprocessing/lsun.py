@@ -208,6 +208,11 @@ def write_lsun_lmdb(db_dir: Path, values: Iterable[bytes], keys: Iterable[str] |
     return keys
 
 
+def default_min_side(size: int) -> int:
+    """Images whose short side is under half the crop are rejected: 2x+ upscaling makes blur, not data."""
+    return max(1, size // 2)
+
+
 def prepare_extraction(
     db: str | Path,
     work: Path,
@@ -260,6 +265,7 @@ def extract_lsun(
     db: str | Path, work: Path, size: int = 64, *, workers: int | None = None, **kwargs: object
 ) -> pa.Table:
     """Plan, extract every partition on a process pool, and merge the manifest (no Prefect)."""
+    kwargs.setdefault("min_side", default_min_side(size))
     out_dir, parts = prepare_extraction(db, work, size, **kwargs)  # type: ignore[arg-type]
     opts = {k: kwargs[k] for k in ("max_pixels", "min_side") if k in kwargs}
     workers = workers or os.cpu_count() or 1

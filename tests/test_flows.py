@@ -1,0 +1,153 @@
+"""The Prefect flows and the CLI end to end on real photos, with the accounting invariant."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from flows.cli import DEMO_CONFIG, app
+from flows.pipeline import load_config
+from preprocessing.lsun import open_env, write_lsun_lmdb
+from preprocessing.tar_shards import iter_samples
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def pipeline_config(tmp_path_factory: pytest.TempPathFactory, photo_values: list[bytes], bad_values: dict) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    db = root / "church_outdoor_train_lmdb"
+    write_lsun_lmdb(db, photo_values + list(bad_values.values()))
+    config = {
+        "work": str(root / "work"),
+        "sources": [{"type": "lsun", "db": str(db)}],
+        "extract": {"size": 32, "part_size": 20},
+        "shard": {"maxcount": 25},
+        "train": {
+            "steps": 4,
+            "batch_size": 16,
+            "ngf": 8,
+            "ndf": 8,
+            "sample_every": 2,
+            "checkpoint_every": 2,
+            "log_every": 2,
+            "device": "cpu",
+        },
+    }
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _shard_digest(work: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted((work / "shards").glob("*.tar")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.slow
+def test_full_pipeline_accounts_for_every_item(prefect_api: None, pipeline_config: Path) -> None:
+    result = runner.invoke(app, ["run", "--config", str(pipeline_config)])
+    assert result.exit_code == 0, result.output
+    cfg = load_config(pipeline_config)
+    work = Path(cfg.work)
+    with open_env(Path(cfg.sources[0].db)).begin() as txn:
+        lmdb_keys = sorted(k.decode() for k in txn.cursor().iternext(values=False))
+    manifest = pq.read_table(work / "extract" / "church_outdoor_train" / "manifest.parquet").to_pylist()
+    assert sorted(r["key"] for r in manifest) == lmdb_keys  # every input exactly once
+    ok = sorted(f"church_outdoor_train/{r['key']}" for r in manifest if r["status"] == "ok")
+    assert len(ok) == 60
+    shard_keys = [k for tar in sorted((work / "shards").glob("*.tar")) for k, _ in iter_samples(tar)]
+    assert sorted(shard_keys) == ok  # every kept item exactly once in the final shards
+    runs = list((work / "train").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "step-00000004.pt").exists()
+    report = (work / "report.md").read_text()
+    assert "LSUN extraction: church_outdoor_train" in report and "| rejected | 5 |" in report
+    assert "too_many_pixels" in report and "# Shards" in report and "# Training" in report
+    for name in ("extract-church-outdoor-train.png", "shards.png"):
+        assert (work / "reports" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_refresh_redoes_to_identical_shards(prefect_api: None, pipeline_config: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    cfg = load_config(pipeline_config)
+    work = Path(cfg.work)
+    if not (work / "shards").exists():
+        assert runner.invoke(app, ["run", "--config", str(pipeline_config)]).exit_code == 0
+    digest = _shard_digest(work)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (work / "extract" / "church_outdoor_train").glob("part-*.tar")}
+
+    assert (
+        runner.invoke(
+            app, ["lsun", "--db", cfg.sources[0].db, "--work", str(work), "--size", "32", "--part-size", "20"]
+        ).exit_code
+        == 0
+    )
+    again = {p.name: p.stat().st_mtime_ns for p in (work / "extract" / "church_outdoor_train").glob("part-*.tar")}
+    assert again == mtimes  # completed parts are not redone
+
+    result = runner.invoke(
+        app, ["lsun", "--db", cfg.sources[0].db, "--work", str(work), "--size", "32", "--part-size", "20", "--refresh"]
+    )
+    assert result.exit_code == 0, result.output
+    redone = {p.name: p.stat().st_mtime_ns for p in (work / "extract" / "church_outdoor_train").glob("part-*.tar")}
+    assert redone.keys() == mtimes.keys() and all(redone[k] != mtimes[k] for k in mtimes)
+    assert runner.invoke(app, ["shard", "--work", str(work), "--maxcount", "25"]).exit_code == 0
+    assert _shard_digest(work) == digest
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"extract-church-outdoor-train", "shards"} <= keys
+
+
+@pytest.mark.slow
+def test_train_cli_resumes_the_newest_run(prefect_api: None, shards_dir: Path) -> None:
+    work = shards_dir.parent
+    args = ["train", "--work", str(work), "--resolution", "32", "--batch-size", "16", "--device", "cpu"]
+    first = runner.invoke(app, [*args, "--steps", "2", "--run", "r1"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*args, "--steps", "3", "--resume"])
+    assert second.exit_code == 0, second.output
+    assert "step 3" in second.output and (work / "train" / "r1" / "checkpoints" / "step-00000003.pt").exists()
+
+
+def test_missing_database_exits_with_clear_error_and_writes_nothing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["lsun", "--db", str(tmp_path / "missing_lmdb"), "--work", str(tmp_path / "w")])
+    assert result.exit_code == 2 and "not found" in result.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_invalid_size_exits_with_clear_error(tmp_path: Path, photo_values: list[bytes]) -> None:
+    db = tmp_path / "x_lmdb"
+    write_lsun_lmdb(db, photo_values[:2])
+    result = runner.invoke(app, ["lsun", "--db", str(db), "--work", str(tmp_path / "w"), "--size", "3"])
+    assert result.exit_code == 2 and "size" in result.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_invalid_config_names_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("work: w\nsources: [{type: lsun, db: x}]\nextract: {size: 64, colour: blue}\n")
+    result = runner.invoke(app, ["run", "--config", str(bad)])
+    assert result.exit_code == 2 and "colour" in result.output
+    assert runner.invoke(app, ["run", "--config", str(tmp_path / "nope.yaml")]).exit_code == 2
+
+
+def test_train_without_shards_exits_with_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "--work", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 2 and "shard stage" in result.output
+
+
+def test_shipped_demo_config_is_the_cli_demo() -> None:
+    shipped = (ROOT / "configs" / "demo.yaml").read_text()
+    assert shipped == DEMO_CONFIG.format(work="work/demo", records=3000, steps=200)
+    assert load_config(ROOT / "configs" / "demo.yaml").sources[0].type == "demo"

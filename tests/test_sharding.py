@@ -1,0 +1,118 @@
+"""Final shards: stock WebDataset compatibility, seeded order, limits, keep flags, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from preprocessing.sharding import ShardError, build_shards, read_index
+from preprocessing.tar_shards import TarShardWriter, iter_samples
+
+
+@pytest.fixture()
+def work(tmp_path: Path, extracted_work: Path) -> Path:
+    dst = tmp_path / "work"
+    shutil.copytree(extracted_work, dst)
+    return dst
+
+
+def _ok_keys(work: Path) -> list[str]:
+    t = pq.read_table(work / "extract" / "photos_train" / "manifest.parquet")
+    return sorted(f"photos_train/{r['key']}" for r in t.to_pylist() if r["status"] == "ok")
+
+
+def test_stock_webdataset_reads_every_kept_sample_once(shards_dir: Path, extracted_work: Path) -> None:
+    index = read_index(shards_dir)
+    urls = [str(shards_dir / s["url"]) for s in index["shardlist"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    keys = [s["__key__"] for s in samples]
+    assert sorted(keys) == _ok_keys(extracted_work) and len(set(keys)) == len(keys) == 60
+    assert samples[0]["png"].shape == (32, 32, 3) and samples[0]["png"].dtype == np.uint8
+    assert samples[0]["json"]["source"] == "photos_train"
+    assert [s["nsamples"] for s in index["shardlist"]] == [25, 25, 10]
+    assert index["total"] == 60 and index["resolution"] == 32 and index["sources"] == {"photos_train": 60}
+
+
+def test_shuffle_is_seeded_and_deterministic(work: Path) -> None:
+    def order(seed: int) -> list[str]:
+        build_shards(work, maxcount=100, seed=seed)
+        return [k for k, _ in iter_samples(work / "shards" / "train-000000.tar")]
+
+    a, b, c = order(1), order(1), order(2)
+    assert a == b and a != c and sorted(a) == sorted(c)
+    first = (work / "shards" / "train-000000.tar").read_bytes()
+    build_shards(work, maxcount=100, seed=2)
+    assert (work / "shards" / "train-000000.tar").read_bytes() == first  # byte-identical rebuild
+
+
+def test_maxsize_splits_shards(work: Path) -> None:
+    index = build_shards(work, maxsize=20_000)
+    assert len(index["shardlist"]) > 2 and sum(s["nsamples"] for s in index["shardlist"]) == 60
+    assert all(s["filesize"] < 40_000 for s in index["shardlist"])
+
+
+def test_dedup_keep_flags_are_honoured(work: Path) -> None:
+    keys = [k.split("/", 1)[1] for k in _ok_keys(work)]
+    (work / "dedup").mkdir()
+    keep = [i % 3 != 0 for i in range(len(keys))]
+    pq.write_table(
+        pa.table({"key": keys, "source": ["photos_train"] * len(keys), "keep": keep}), work / "dedup" / "codes.parquet"
+    )
+    index = build_shards(work)
+    assert index["total"] == sum(keep)
+
+
+def test_rebuild_replaces_the_whole_set(work: Path) -> None:
+    build_shards(work, maxcount=10)
+    assert len(list((work / "shards").glob("*.tar"))) == 6
+    build_shards(work, maxcount=30)
+    assert sorted(p.name for p in (work / "shards").iterdir()) == ["index.json", "train-000000.tar", "train-000001.tar"]
+    assert not list(work.glob(".shards*"))
+
+
+def test_no_extracted_data_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match="no extracted data"):
+        build_shards(tmp_path)
+    assert not (tmp_path / "shards").exists()
+
+
+def test_bad_limits_are_refused(work: Path) -> None:
+    with pytest.raises(ShardError):
+        build_shards(work, maxcount=0)
+
+
+def test_sources_of_different_sizes_are_refused(work: Path) -> None:
+    other = work / "extract" / "other"
+    shutil.copytree(work / "extract" / "photos_train", other)
+    plan = json.loads((other / "plan.json").read_text())
+    plan["settings"]["size"] = 64
+    (other / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(ShardError, match="different sizes"):
+        build_shards(work)
+
+
+def test_missing_staging_sample_is_an_error_not_a_silent_drop(work: Path) -> None:
+    src = work / "extract" / "photos_train"
+    part = sorted(src.glob("part-*.tar"))[0]
+    samples = list(iter_samples(part))
+    with TarShardWriter(part) as w:
+        for key, files in samples[1:]:
+            w.write(key, files)
+    with pytest.raises(ShardError, match="missing from the staging shards"):
+        build_shards(work)
+
+
+def test_all_rejected_source_is_a_clear_error(work: Path) -> None:
+    path = work / "extract" / "photos_train" / "manifest.parquet"
+    t = pq.read_table(path)
+    t = t.set_column(t.schema.get_field_index("status"), "status", pa.array(["rejected"] * t.num_rows))
+    pq.write_table(t, path)
+    with pytest.raises(ShardError, match="no usable images"):
+        build_shards(work)
