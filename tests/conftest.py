@@ -59,8 +59,9 @@ def bad_values() -> dict[str, bytes]:
 @pytest.fixture(scope="session")
 def prefect_api():
     """One temporary Prefect API for every flow test (starting one costs 5-20 s)."""
-    import flows  # noqa: F401  (sets offline defaults before Prefect is imported)
     from prefect.testing.utilities import prefect_test_harness
+
+    import flows  # noqa: F401  (sets offline defaults before Prefect is imported)
 
     with prefect_test_harness(server_startup_timeout=120):
         yield

@@ -9,7 +9,7 @@ import pytest
 from conftest import celeba_jpegs, encode, reencode
 from PIL import Image
 
-from preprocessing.images import ImageRejected, center_crop_resize, decode_rgb, decode_png, encode_png, sniff_format
+from preprocessing.images import ImageRejected, center_crop_resize, decode_png, decode_rgb, encode_png, sniff_format
 
 
 @pytest.fixture(scope="module")
