@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -23,13 +24,16 @@ def _shard_outputs(inputs: dict) -> list[Path]:
 
 @task(cache_policy=FileFingerprint(outputs=_shard_outputs, derived=_shard_inputs), persist_result=True, retries=1)
 def write_shards(work: str, maxcount: int, maxsize: int, seed: int) -> dict:
+    t0 = time.perf_counter()
     index = build_shards(Path(work), maxcount=maxcount, maxsize=maxsize, seed=seed)
+    rate = index["total"] / max(time.perf_counter() - t0, 1e-9)
     md = "# Shards\n\n" + table(
         [
             ("samples", index["total"]),
             ("shards", len(index["shardlist"])),
             ("resolution", index["resolution"]),
             ("seed", seed),
+            ("throughput (samples/s)", f"{rate:.0f}"),
             ("fingerprint", index["fingerprint"][:16]),
         ],
         ("", "value"),
