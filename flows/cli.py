@@ -98,6 +98,69 @@ def lsun(
 
 
 @app.command()
+def faces(
+    photos: Annotated[Path, typer.Option(help="folder tree, tar of photos, or Parquet table with key + image")],
+    work: Annotated[Path, typer.Option(help="work directory")],
+    detector: Annotated[str, typer.Option(help="haar (bundled with OpenCV) or yunet (needs --model)")] = "haar",
+    model: Annotated[Path | None, typer.Option(help="YuNet ONNX file (face_detection_yunet_2023mar.onnx)")] = None,
+    min_face: Annotated[int, typer.Option(help="keep faces whose box short side is at least this (source px)")] = 64,
+    size: Annotated[int, typer.Option(help="output crop size in pixels")] = 64,
+    margin: Annotated[float, typer.Option(help="context added around the box, as a share of its side")] = 0.25,
+    name: Annotated[str | None, typer.Option(help="source name (default: faces_<file or folder name>)")] = None,
+    part_size: Annotated[int, typer.Option(help="photos per partition (one task each)")] = 1000,
+    refresh: Annotated[bool, typer.Option(help="discard an earlier run of this source")] = False,
+) -> None:
+    """Detect faces in scraped photos and keep square crops of the large ones."""
+    from flows.photos import faces_flow
+    from preprocessing.faces import DetectorConfig
+    from preprocessing.photo_stages import face_settings
+    from preprocessing.photos import open_source
+
+    _run(open_source, photos)
+    _run(
+        face_settings,
+        size,
+        DetectorConfig(kind=detector, model=str(model) if model else None, min_face=min_face),
+        margin,
+        1,
+    )
+    r = _run(
+        faces_flow,
+        str(photos),
+        str(work),
+        name=name,
+        detector=detector,
+        model=str(model) if model else None,
+        min_face=min_face,
+        size=size,
+        margin=margin,
+        part_size=part_size,
+        refresh=refresh,
+    )
+    typer.echo(f"{r['source']}: {r['photos']} photos -> {r['ok']} face crops -> {r['out_dir']}")
+
+
+@app.command()
+def ingest(
+    images: Annotated[Path, typer.Option(help="folder tree (class subfolders) or Parquet table with key + image")],
+    work: Annotated[Path, typer.Option(help="work directory")],
+    size: Annotated[int, typer.Option(help="output crop size in pixels")] = 32,
+    name: Annotated[str | None, typer.Option(help="source name (default: images_<file or folder name>)")] = None,
+    part_size: Annotated[int, typer.Option(help="images per partition (one task each)")] = 5000,
+    refresh: Annotated[bool, typer.Option(help="discard an earlier run of this source")] = False,
+) -> None:
+    """Min-resize and center-crop an image folder or table (ImageNet-style, 32 px)."""
+    from flows.photos import ingest_flow
+    from preprocessing.photo_stages import ingest_settings
+    from preprocessing.photos import open_source
+
+    _run(open_source, images)
+    _run(ingest_settings, size, 1)
+    r = _run(ingest_flow, str(images), str(work), name=name, size=size, part_size=part_size, refresh=refresh)
+    typer.echo(f"{r['source']}: {r['photos']} images -> {r['ok']} crops -> {r['out_dir']}")
+
+
+@app.command()
 def shard(
     work: Annotated[Path, typer.Option(help="work directory")],
     maxcount: Annotated[int, typer.Option(help="samples per shard")] = 10_000,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dcgan.models import RESOLUTIONS
 from flows.lsun import lsun_extract_flow
+from flows.photos import faces_flow, ingest_flow
 from flows.shard import shard_flow
 from flows.train import train_flow
 from preprocessing.demo_data import build_demo_lmdb
@@ -35,6 +36,28 @@ class DemoSource(_Strict):
     type: Literal["demo"] = "demo"
     records: int = Field(3000, ge=1)
     seed: int = 0
+
+
+class FacesSource(_Strict):
+    """Scraped photos (folder, tar or Parquet table) -> face crops."""
+
+    type: Literal["faces"] = "faces"
+    photos: str
+    name: str | None = None
+    detector: Literal["haar", "yunet"] = "haar"
+    model: str | None = None
+    min_face: int = Field(64, ge=8)
+    margin: float = Field(0.25, ge=0, le=1)
+    part_size: int = Field(1000, ge=1)
+
+
+class ImagesSource(_Strict):
+    """An image folder tree (class subfolders) or table -> min-resized center crops."""
+
+    type: Literal["images"] = "images"
+    images: str
+    name: str | None = None
+    part_size: int = Field(5000, ge=1)
 
 
 class ExtractSettings(_Strict):
@@ -68,7 +91,9 @@ class TrainSettings(_Strict):
 
 class PipelineConfig(_Strict):
     work: str
-    sources: list[Annotated[LsunSource | DemoSource, Field(discriminator="type")]] = Field(min_length=1)
+    sources: list[Annotated[LsunSource | DemoSource | FacesSource | ImagesSource, Field(discriminator="type")]] = Field(
+        min_length=1
+    )
     extract: ExtractSettings = ExtractSettings()
     shard: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
@@ -113,29 +138,52 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
         raise ValueError(f"unknown stages in refresh: {unknown}; choose from {STAGES}")
     if cfg.train.enabled and cfg.extract.size not in RESOLUTIONS:
         raise ValueError(f"training needs extract.size in {RESOLUTIONS}, got {cfg.extract.size}")
-    dbs: list[str] = []
-    names: list[str | None] = []
-    for src in cfg.sources:
-        if isinstance(src, DemoSource):
-            dbs.append(build_demo_source(cfg.work, src.records, src.seed))
-            names.append("demo")
-        else:
-            dbs.append(src.db)
-            names.append(src.name)
     ex = cfg.extract
-    extracted = [
-        lsun_extract_flow(
-            [db],
-            cfg.work,
-            size=ex.size,
-            part_size=ex.part_size,
-            names=[name] if name else None,
-            max_pixels=ex.max_pixels,
-            min_side=ex.min_side,
-            refresh="extract" in refresh,
-        )[0]
-        for db, name in zip(dbs, names, strict=True)
-    ]
+    refresh_extract = "extract" in refresh
+    extracted = []
+    for src in cfg.sources:
+        if isinstance(src, FacesSource):
+            extracted.append(
+                faces_flow(
+                    src.photos,
+                    cfg.work,
+                    name=src.name,
+                    detector=src.detector,
+                    model=src.model,
+                    min_face=src.min_face,
+                    size=ex.size,
+                    margin=src.margin,
+                    part_size=src.part_size,
+                    max_pixels=ex.max_pixels,
+                    refresh=refresh_extract,
+                )
+            )
+        elif isinstance(src, ImagesSource):
+            extracted.append(
+                ingest_flow(
+                    src.images,
+                    cfg.work,
+                    name=src.name,
+                    size=ex.size,
+                    part_size=src.part_size,
+                    max_pixels=ex.max_pixels,
+                    refresh=refresh_extract,
+                )
+            )
+        else:
+            demo = isinstance(src, DemoSource)
+            db = build_demo_source(cfg.work, src.records, src.seed) if demo else src.db
+            name = "demo" if demo else src.name
+            extracted += lsun_extract_flow(
+                [db],
+                cfg.work,
+                size=ex.size,
+                part_size=ex.part_size,
+                names=[name] if name else None,
+                max_pixels=ex.max_pixels,
+                min_side=ex.min_side,
+                refresh=refresh_extract,
+            )
     shards = shard_flow(cfg.work, cfg.shard.maxcount, cfg.shard.maxsize, cfg.shard.seed, refresh="shard" in refresh)
     trained = None
     if cfg.train.enabled:
