@@ -4,7 +4,9 @@ Prefect's INPUTS policy hashes a path string, so a changed file under the same n
 hit a stale cache. `FileFingerprint` replaces the named path inputs by the size and mtime
 of every file below them, adds the source of the task and of the domain packages it calls
 (TASK_SOURCE alone misses a change in `preprocessing/`), and includes the task's outputs:
-when an output is missing the key is None, so a deleted result is always recomputed.
+when an output is missing the key is None, so a deleted result is always recomputed, and a
+changed output changes the key. The price: the first rerun after a write misses the cache,
+so the domain steps themselves skip work whose recorded inputs are unchanged (stamps).
 """
 
 from __future__ import annotations
@@ -20,18 +22,12 @@ from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
+from preprocessing.stamps import stamp
+
 
 def fingerprint(path: str | Path) -> str:
     """Size and mtime of a file, or of every file below a directory (names sorted)."""
-    p = Path(path)
-    if not p.exists():
-        return "missing"
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.relative_to(p) if f != p else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
+    return stamp([path]) if Path(path).exists() else "missing"
 
 
 @cache

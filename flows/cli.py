@@ -15,12 +15,22 @@ import typer
 from dcgan.checkpoint import CheckpointError
 from dcgan.data import DataError
 from dcgan.train import TrainingDiverged
+from dedup.autoencoder import AutoencoderError
 from preprocessing.lsun import LsunError
 from preprocessing.sharding import ShardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
-USER_ERRORS = (LsunError, ShardError, DataError, CheckpointError, TrainingDiverged, ValueError, FileNotFoundError)
+USER_ERRORS = (
+    AutoencoderError,
+    LsunError,
+    ShardError,
+    DataError,
+    CheckpointError,
+    TrainingDiverged,
+    ValueError,
+    FileNotFoundError,
+)
 
 DEMO_CONFIG = """\
 # The embedded demo: photos shipped inside scikit-image, cut into an LSUN-format LMDB.
@@ -31,6 +41,8 @@ sources:
 extract:
   size: 32
   part_size: 1000
+dedup:
+  max_epochs: 10
 shard:
   maxcount: 1000
 train:
@@ -161,6 +173,40 @@ def ingest(
 
 
 @app.command()
+def dedup(
+    work: Annotated[Path, typer.Option(help="work directory")],
+    radius: Annotated[int, typer.Option(help="Hamming radius: 0 = identical codes (the paper)")] = 0,
+    autoencoder: Annotated[Path | None, typer.Option(help="trained autoencoder.pt to use instead of training")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda, for training the autoencoder")] = "cpu",
+    max_epochs: Annotated[int, typer.Option(help="autoencoder epochs at most (stops earlier on a plateau)")] = 50,
+    refresh: Annotated[bool, typer.Option(help="recollect, retrain and rehash")] = False,
+) -> None:
+    """Flag near duplicates across every extracted source with the paper's autoencoder hash."""
+    from dcgan.train import resolve_device
+    from flows.dedup import dedup_flow
+    from preprocessing.sharding import extracted_sources
+
+    if not extracted_sources(work):
+        _run(_fail, f"no extracted data under {work / 'extract'}: run an extraction stage first")
+    if not 0 <= radius < 64:
+        _run(_fail, f"radius must be between 0 and 63, got {radius}")
+    _run(resolve_device, device)
+    r = _run(
+        dedup_flow,
+        str(work),
+        radius=radius,
+        autoencoder=str(autoencoder) if autoencoder else None,
+        device=device,
+        max_epochs=max_epochs,
+        refresh=refresh,
+    )
+    typer.echo(
+        f"{r['items']} items in {r['groups']} groups: {r['removed']} near duplicates flagged "
+        f"(report: {work / 'dedup' / 'report.md'})"
+    )
+
+
+@app.command()
 def shard(
     work: Annotated[Path, typer.Option(help="work directory")],
     maxcount: Annotated[int, typer.Option(help="samples per shard")] = 10_000,
@@ -208,7 +254,9 @@ def train(
 @app.command("run")
 def run_config(
     config: Annotated[Path, typer.Option(help="pipeline YAML (see configs/)")],
-    refresh: Annotated[list[str] | None, typer.Option(help="stage to redo: extract or shard; repeatable")] = None,
+    refresh: Annotated[
+        list[str] | None, typer.Option(help="stage to redo: extract, dedup or shard; repeatable")
+    ] = None,
 ) -> None:
     """The full DAG from a YAML config."""
     from flows.pipeline import load_config, pipeline_flow

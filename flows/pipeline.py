@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,6 +11,7 @@ from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dcgan.models import RESOLUTIONS
+from flows.dedup import dedup_flow
 from flows.lsun import lsun_extract_flow
 from flows.photos import faces_flow, ingest_flow
 from flows.shard import shard_flow
@@ -17,7 +19,7 @@ from flows.train import train_flow
 from preprocessing.demo_data import build_demo_lmdb
 from preprocessing.images import DEFAULT_MAX_PIXELS
 
-STAGES = ("extract", "shard")
+STAGES = ("extract", "dedup", "shard")
 
 
 class _Strict(BaseModel):
@@ -67,6 +69,14 @@ class ExtractSettings(_Strict):
     min_side: int | None = Field(None, ge=1, description="default: half the crop size")
 
 
+class DedupSettings(_Strict):
+    enabled: bool = True
+    radius: int = Field(0, ge=0, le=63)
+    autoencoder: str | None = None
+    device: str = "cpu"
+    max_epochs: int = Field(50, ge=1)
+
+
 class ShardSettings(_Strict):
     maxcount: int = Field(10_000, ge=1)
     maxsize: int = Field(1 << 30, ge=1024)
@@ -95,6 +105,7 @@ class PipelineConfig(_Strict):
         min_length=1
     )
     extract: ExtractSettings = ExtractSettings()
+    dedup: DedupSettings = DedupSettings()
     shard: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
 
@@ -120,7 +131,7 @@ def write_pipeline_report(work: str) -> str:
     """Concatenate the stage reports into `work/report.md`."""
     reports = Path(work) / "reports"
     parts = [p.read_text() for p in sorted(reports.glob("extract-*.md"))]
-    parts += [p.read_text() for p in [reports / "shards.md"] if p.exists()]
+    parts += [p.read_text() for p in [reports / "dedup.md", reports / "shards.md"] if p.exists()]
     parts += [p.read_text() for p in sorted(reports.glob("train-*.md"), key=lambda p: p.stat().st_mtime)[-1:]]
     text = "\n\n".join(t.replace("](", "](reports/") for t in parts)
     path = Path(work) / "report.md"
@@ -184,10 +195,23 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
                 min_side=ex.min_side,
                 refresh=refresh_extract,
             )
+    deduped = None
+    if cfg.dedup.enabled:
+        dd = cfg.dedup
+        deduped = dedup_flow(
+            cfg.work,
+            radius=dd.radius,
+            autoencoder=dd.autoencoder,
+            device=dd.device,
+            max_epochs=dd.max_epochs,
+            refresh="dedup" in refresh,
+        )
+    else:
+        shutil.rmtree(Path(cfg.work) / "dedup", ignore_errors=True)  # stale keep flags must not filter shards
     shards = shard_flow(cfg.work, cfg.shard.maxcount, cfg.shard.maxsize, cfg.shard.seed, refresh="shard" in refresh)
     trained = None
     if cfg.train.enabled:
         t = cfg.train.model_dump(exclude={"enabled"})
         trained = train_flow(cfg.work, resolution=ex.size, **t)
     report = write_pipeline_report(cfg.work)
-    return {"extract": extracted, "shards": shards, "train": trained, "report": report}
+    return {"extract": extracted, "dedup": deduped, "shards": shards, "train": trained, "report": report}

@@ -38,12 +38,18 @@ def extracted_sources(work: Path) -> list[Path]:
 
 
 def _kept_keys(work: Path, source: str, ok_keys: list[str]) -> list[str]:
+    """The ok keys that dedup kept; dedup results that do not cover exactly these keys are stale."""
     codes = Path(work) / "dedup" / "codes.parquet"
     if not codes.exists():
         return ok_keys
     table = pq.read_table(codes, columns=["key", "source", "keep"])
-    table = table.filter(pc.and_(pc.equal(table["source"], source), table["keep"]))
-    keep = set(table["key"].to_pylist())
+    table = table.filter(pc.equal(table["source"], source))
+    if set(table["key"].to_pylist()) != set(ok_keys):
+        raise ShardError(
+            f"{codes} does not cover exactly the extracted items of {source} (extraction changed after dedup); "
+            "rerun the dedup stage"
+        )
+    keep = set(table.filter(table["keep"])["key"].to_pylist())
     return [k for k in ok_keys if k in keep]
 
 
@@ -88,14 +94,21 @@ def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, 
         counts[src.name] = len(src_items)
         items += [(f"{src.name}/{key}", tar, png, meta) for key, tar, png, meta in src_items]
         digest.update((src / "manifest.parquet").read_bytes())
+    codes = work / "dedup" / "codes.parquet"
+    if codes.exists():
+        digest.update(codes.read_bytes())
     if len(set(sizes.values())) != 1:
         raise ShardError(f"sources were extracted at different sizes {sizes}; re-extract them at one size")
     if not items:
         raise ShardError(f"no usable images in {', '.join(sizes)}: every item was rejected or removed")
     resolution = sizes[sources[0].name]
+    final = work / "shards"
+    current = _current_index(final)
+    if current is not None and current["fingerprint"] == digest.hexdigest():
+        log.info("shards in %s are up to date", final)
+        return current
     order = np.random.default_rng(seed).permutation(len(items))
 
-    final = work / "shards"
     tmp = work / f".shards.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -146,6 +159,15 @@ def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, 
         "wrote %d samples in %d shards to %s (%.1f s)", len(items), len(shardlist), final, time.perf_counter() - t0
     )
     return index
+
+
+def _current_index(final: Path) -> dict | None:
+    """The existing index when it and all its shards are present, else None."""
+    try:
+        index = read_index(final)
+    except (ShardError, ValueError):
+        return None
+    return index if all((final / s["url"]).exists() for s in index["shardlist"]) else None
 
 
 def _swap_dir(new: Path, final: Path) -> None:

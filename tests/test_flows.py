@@ -28,6 +28,7 @@ def pipeline_config(tmp_path_factory: pytest.TempPathFactory, photo_values: list
         "work": str(root / "work"),
         "sources": [{"type": "lsun", "db": str(db)}],
         "extract": {"size": 32, "part_size": 20},
+        "dedup": {"max_epochs": 3},
         "shard": {"maxcount": 25},
         "train": {
             "steps": 4,
@@ -62,15 +63,19 @@ def test_full_pipeline_accounts_for_every_item(prefect_api: None, pipeline_confi
         lmdb_keys = sorted(k.decode() for k in txn.cursor().iternext(values=False))
     manifest = pq.read_table(work / "extract" / "church_outdoor_train" / "manifest.parquet").to_pylist()
     assert sorted(r["key"] for r in manifest) == lmdb_keys  # every input exactly once
-    ok = sorted(f"church_outdoor_train/{r['key']}" for r in manifest if r["status"] == "ok")
+    ok = sorted(r["key"] for r in manifest if r["status"] == "ok")
     assert len(ok) == 60
+    codes = pq.read_table(work / "dedup" / "codes.parquet").to_pylist()
+    assert sorted(r["key"] for r in codes) == ok  # every ok item exactly once in the dedup codes
+    kept = sorted(f"church_outdoor_train/{r['key']}" for r in codes if r["keep"])
     shard_keys = [k for tar in sorted((work / "shards").glob("*.tar")) for k, _ in iter_samples(tar)]
-    assert sorted(shard_keys) == ok  # every kept item exactly once in the final shards
+    assert sorted(shard_keys) == kept  # every kept item exactly once in the final shards
     runs = list((work / "train").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "step-00000004.pt").exists()
     report = (work / "report.md").read_text()
     assert "LSUN extraction: church_outdoor_train" in report and "| rejected | 5 |" in report
     assert "too_many_pixels" in report and "# Shards" in report and "# Training" in report
+    assert "# Near-duplicate removal" in report
     for name in ("extract-church-outdoor-train.png", "shards.png"):
         assert (work / "reports" / name).stat().st_size > 1000
 

@@ -79,6 +79,7 @@ def test_pipeline_mixes_lsun_faces_and_image_tables(
             {"type": "images", "images": str(images), "name": "tin"},
         ],
         "extract": {"size": 32},
+        "dedup": {"max_epochs": 3},
         "train": {"enabled": False},
     }
     path = tmp_path / "mixed.yaml"
@@ -86,9 +87,12 @@ def test_pipeline_mixes_lsun_faces_and_image_tables(
     result = runner.invoke(app, ["run", "--config", str(path)])
     assert result.exit_code == 0, result.output
     work = tmp_path / "work"
-    expected = set()
+    ok = set()
     for src in ("kitchen_train", "faces_celeba-40", "tin"):
         rows = pq.read_table(work / "extract" / src / "manifest.parquet").to_pylist()
-        expected |= {f"{src}/{r['key']}" for r in rows if r["status"] == "ok"}
+        ok |= {f"{src}/{r['key']}" for r in rows if r["status"] == "ok"}
+    codes = pq.read_table(work / "dedup" / "codes.parquet").to_pylist()
+    assert sorted(f"{r['source']}/{r['key']}" for r in codes) == sorted(ok) and len(ok) >= 20 + 38 + 30
+    kept = sorted(f"{r['source']}/{r['key']}" for r in codes if r["keep"])
     keys = [k for tar in sorted((work / "shards").glob("*.tar")) for k, _ in iter_samples(tar)]
-    assert sorted(keys) == sorted(expected) and len(keys) >= 20 + 38 + 30
+    assert sorted(keys) == kept

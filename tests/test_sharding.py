@@ -48,8 +48,19 @@ def test_shuffle_is_seeded_and_deterministic(work: Path) -> None:
     a, b, c = order(1), order(1), order(2)
     assert a == b and a != c and sorted(a) == sorted(c)
     first = (work / "shards" / "train-000000.tar").read_bytes()
+    shutil.rmtree(work / "shards")
     build_shards(work, maxcount=100, seed=2)
     assert (work / "shards" / "train-000000.tar").read_bytes() == first  # byte-identical rebuild
+
+
+def test_unchanged_inputs_skip_the_rebuild(work: Path) -> None:
+    build_shards(work, maxcount=30)
+    mtime = (work / "shards" / "index.json").stat().st_mtime_ns
+    assert build_shards(work, maxcount=30)["total"] == 60
+    assert (work / "shards" / "index.json").stat().st_mtime_ns == mtime
+    (work / "shards" / "train-000001.tar").unlink()  # a damaged set is rebuilt
+    build_shards(work, maxcount=30)
+    assert (work / "shards" / "train-000001.tar").exists()
 
 
 def test_maxsize_splits_shards(work: Path) -> None:

@@ -1,0 +1,242 @@
+"""Near-duplicate removal: the autoencoder, code grouping, the stage's invariants and bad input."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import SHARED, encode
+from PIL import Image
+
+from dedup.autoencoder import (
+    AEConfig,
+    AutoencoderError,
+    DenoisingAutoencoder,
+    encode_bits,
+    load_autoencoder,
+    save_autoencoder,
+    train_autoencoder,
+)
+from dedup.grouping import choose_keepers, group_codes
+from dedup.stage import DedupError, collect_crops, encode_items, fit_autoencoder, group_items
+from preprocessing.photo_stages import ingest_settings, run_photo_stage
+from preprocessing.sharding import ShardError, build_shards
+from preprocessing.tar_shards import iter_samples
+
+CIFAR_TEST = SHARED / "data" / "cifar10" / "test.parquet"
+FAST = AEConfig(max_epochs=4, patience=2)
+
+
+def test_autoencoder_is_3072_128_3072_relu_with_dropout() -> None:
+    model = DenoisingAutoencoder()
+    assert (model.encoder.in_features, model.encoder.out_features) == (3072, 128)
+    assert (model.decoder.in_features, model.decoder.out_features) == (128, 3072)
+    code = model.code(torch.rand(5, 3072))
+    assert code.shape == (5, 128) and code.min() >= 0
+    assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.2
+
+
+def test_exact_codes_group_in_one_pass_and_keep_one() -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (6, 16), dtype=np.uint8)
+    codes[4] = codes[1]
+    codes[5] = codes[1]
+    g = group_codes(codes, 0)
+    assert g.group.tolist() == [0, 1, 2, 3, 1, 1] and g.candidate_pairs == 0
+    rank = [(-100, "a", "k0"), (-50, "a", "k1"), (0, "a", "k2"), (0, "a", "k3"), (-200, "b", "k4"), (-200, "a", "k5")]
+    keep = choose_keepers(g.group, rank)
+    assert keep.tolist() == [True, False, True, True, False, True]  # largest image, then source/key order
+
+
+def test_radius_grouping_uses_multi_index_hashing() -> None:
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 256, (2000, 16), dtype=np.uint8)
+    near = codes[:50].copy()
+    bits = np.unpackbits(near, axis=1)
+    for row in bits:
+        row[rng.choice(128, 3, replace=False)] ^= 1  # 3 bits away
+    codes = np.concatenate([codes, np.packbits(bits, axis=1)])
+    exact = group_codes(codes, 0)
+    assert len(np.unique(exact.group)) == 2050
+    g = group_codes(codes, 3)
+    assert all(g.group[2000 + i] == g.group[i] for i in range(50))
+    assert len(np.unique(g.group)) == 2000
+    assert g.candidate_pairs < 2050 * 2049 // 2 // 20  # far below all pairs
+    assert len(np.unique(group_codes(codes, 2).group)) == 2050  # 3 bits is beyond radius 2
+
+
+def test_degenerate_codes_never_merge_unrelated_items() -> None:
+    codes = np.zeros((4, 16), np.uint8)
+    g = group_codes(codes, 0, content=[b"black", b"white", b"black", b"grey"])
+    assert g.degenerate.all()
+    assert g.group.tolist() == [0, 1, 0, 3]  # only pixel-identical ones merge
+    assert group_codes(codes, 5, content=[b"a", b"b", b"c", b"d"]).group.tolist() == [0, 1, 2, 3]
+
+
+def test_bad_radius_and_shapes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        group_codes(np.zeros((2, 16), np.uint8), 64)
+    with pytest.raises(ValueError):
+        group_codes(np.zeros((2, 8), np.uint8), 0)
+
+
+def test_training_stops_on_plateau_and_round_trips(tmp_path: Path) -> None:
+    crops = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
+    model, info = train_autoencoder(crops, AEConfig(max_epochs=40, patience=2, min_improvement=0.5))
+    assert len(info["epochs"]) < 40  # a 50% improvement bar is never met twice in a row
+    save_autoencoder(model, AEConfig(), info, tmp_path / "ae.pt")
+    loaded, ckpt = load_autoencoder(tmp_path / "ae.pt")
+    assert ckpt["config"]["max_items"] == 200_000 and "epochs" in ckpt["info"]
+    assert np.array_equal(encode_bits(model, crops), encode_bits(loaded, crops))
+
+
+def test_corrupted_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    with pytest.raises(AutoencoderError, match="cannot read"):
+        load_autoencoder(tmp_path / "junk.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(AutoencoderError, match="not a dcgan-pipeline dedup"):
+        load_autoencoder(tmp_path / "other.pt")
+    model = DenoisingAutoencoder()
+    state = {k: v[:10] if k == "encoder.weight" else v for k, v in model.state_dict().items()}
+    torch.save({"format": "dcgan-pipeline-dedup-autoencoder/1", "state": state, "config": {}}, tmp_path / "bad.pt")
+    with pytest.raises(AutoencoderError, match="does not hold a 3072-128-3072"):
+        load_autoencoder(tmp_path / "bad.pt")
+
+
+def _image_folder(root: Path, images: list[bytes]) -> Path:
+    root.mkdir(parents=True)
+    for i, data in enumerate(images):
+        (root / f"img{i:03d}.png").write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cifar_pngs() -> list[bytes]:
+    table = pq.read_table(CIFAR_TEST).slice(0, 120)
+    return [encode(Image.open(io.BytesIO(b)).convert("RGB"), "PNG") for b in table["image"].to_pylist()]
+
+
+def _dedup(work: Path, radius: int = 0) -> dict:
+    collect_crops(work)
+    fit_autoencoder(work, FAST)
+    encode_items(work)
+    return group_items(work, radius)
+
+
+def test_same_file_names_in_two_sources_stay_distinct_and_copies_merge(tmp_path: Path, cifar_pngs: list) -> None:
+    settings = ingest_settings(32, 8_000_000)
+    for name in ("site_a", "site_b"):  # identical folders: same names, same pixels
+        run_photo_stage(_image_folder(tmp_path / name, cifar_pngs[:40]), tmp_path / "w", name, settings, workers=1)
+    run_photo_stage(
+        _image_folder(tmp_path / "site_c", cifar_pngs[40:120]), tmp_path / "w", "site_c", settings, workers=1
+    )
+    summary = _dedup(tmp_path / "w")
+    codes = pq.read_table(tmp_path / "w" / "dedup" / "codes.parquet").to_pylist()
+    assert len({(r["source"], r["key"]) for r in codes}) == len(codes) == 160  # every ok item exactly once
+    by_key = {}
+    for r in codes:
+        by_key.setdefault((r["key"], r["source"]), r)
+    for r in codes:
+        if r["source"] == "site_b":
+            twin = by_key[(r["key"], "site_a")]
+            assert twin["group"] == r["group"] and twin["keep"] != r["keep"]  # copies merge, one kept
+    assert summary["removed"] >= 40
+    report = (tmp_path / "w" / "dedup" / "report.md").read_text()
+    assert "| items hashed | 160 |" in report and (tmp_path / "w" / "dedup" / "collisions.png").exists()
+
+    index = build_shards(tmp_path / "w")
+    kept = sorted(f"{r['source']}/{r['key']}" for r in codes if r["keep"])
+    shard_keys = sorted(k for tar in (tmp_path / "w" / "shards").glob("*.tar") for k, _ in iter_samples(tar))
+    assert shard_keys == kept and index["total"] == len(kept)  # final shards hold exactly the keep items
+
+
+def test_regrouping_with_another_radius_reuses_the_codes(tmp_path: Path, cifar_pngs: list) -> None:
+    run_photo_stage(
+        _image_folder(tmp_path / "p", cifar_pngs), tmp_path / "w", "p", ingest_settings(32, 8_000_000), workers=1
+    )
+    r0 = _dedup(tmp_path / "w", 0)
+    hashes = (tmp_path / "w" / "dedup" / "hashes.parquet").stat().st_mtime_ns
+    r8 = group_items(tmp_path / "w", 8)
+    assert (tmp_path / "w" / "dedup" / "hashes.parquet").stat().st_mtime_ns == hashes
+    assert r8["groups"] <= r0["groups"] and r8["radius"] == 8
+
+
+def test_all_identical_images_collapse_to_one(tmp_path: Path, cifar_pngs: list) -> None:
+    run_photo_stage(
+        _image_folder(tmp_path / "same", [cifar_pngs[0]] * 10),
+        tmp_path / "w",
+        "same",
+        ingest_settings(32, 8_000_000),
+        workers=1,
+    )
+    summary = _dedup(tmp_path / "w")
+    assert summary["groups"] == 1 and summary["removed"] == 9
+
+
+def test_all_black_images_are_reported_not_silently_merged_with_others(tmp_path: Path, cifar_pngs: list) -> None:
+    black = encode(Image.new("RGB", (32, 32)), "PNG")
+    run_photo_stage(
+        _image_folder(tmp_path / "mix", [black] * 5 + cifar_pngs[:30]),
+        tmp_path / "w",
+        "mix",
+        ingest_settings(32, 8_000_000),
+        workers=1,
+    )
+    _dedup(tmp_path / "w")
+    codes = pq.read_table(tmp_path / "w" / "dedup" / "codes.parquet").to_pylist()
+    manifest = pq.read_table(tmp_path / "w" / "extract" / "mix" / "manifest.parquet").to_pylist()
+    black_keys = {r["key"] for r in manifest if r["photo_path"] in {f"img{i:03d}.png" for i in range(5)}}
+    black_rows = [r for r in codes if r["key"] in black_keys]
+    black_groups = {r["group"] for r in black_rows}
+    assert len(black_groups) == 1  # identical black images are one group
+    others = [r for r in codes if r["group"] in black_groups and r not in black_rows]
+    assert not others  # and nothing else joined them
+
+
+def test_one_item_and_empty_work_dirs(tmp_path: Path, cifar_pngs: list) -> None:
+    with pytest.raises(DedupError, match="no extracted data"):
+        collect_crops(tmp_path / "empty")
+    run_photo_stage(
+        _image_folder(tmp_path / "one", cifar_pngs[:1]),
+        tmp_path / "w",
+        "one",
+        ingest_settings(32, 8_000_000),
+        workers=1,
+    )
+    summary = _dedup(tmp_path / "w")
+    assert summary == {**summary, "items": 1, "groups": 1, "removed": 0}
+
+
+def test_stale_dedup_results_stop_sharding(tmp_path: Path, cifar_pngs: list) -> None:
+    settings = ingest_settings(32, 8_000_000)
+    run_photo_stage(_image_folder(tmp_path / "p", cifar_pngs[:20]), tmp_path / "w", "p", settings, workers=1)
+    _dedup(tmp_path / "w")
+    shutil.rmtree(tmp_path / "w" / "extract" / "p")
+    run_photo_stage(_image_folder(tmp_path / "p2", cifar_pngs[:25]), tmp_path / "w", "p", settings, workers=1)
+    with pytest.raises(ShardError, match="rerun the dedup stage"):
+        build_shards(tmp_path / "w")
+
+
+@pytest.mark.slow
+def test_dedup_cli_regroups_without_retraining(prefect_api: None, extracted_work: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    work = tmp_path / "work"
+    shutil.copytree(extracted_work, work)
+    runner = CliRunner()
+    first = runner.invoke(app, ["dedup", "--work", str(work), "--max-epochs", "3"])
+    assert first.exit_code == 0, first.output
+    ae = (work / "dedup" / "autoencoder.pt").stat().st_mtime_ns
+    second = runner.invoke(app, ["dedup", "--work", str(work), "--radius", "6", "--max-epochs", "3"])
+    assert second.exit_code == 0, second.output
+    assert (work / "dedup" / "autoencoder.pt").stat().st_mtime_ns == ae  # cached: no retraining
+    assert "| Hamming radius | 6 |" in (work / "dedup" / "report.md").read_text()
+    assert runner.invoke(app, ["dedup", "--work", str(tmp_path / "nothing")]).exit_code == 2
