@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from preprocessing.images import decode_png
+from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.sharding import read_index
 from preprocessing.tar_shards import iter_samples
 
@@ -50,7 +50,7 @@ def shard_urls(shards: Path, resolution: int) -> tuple[list[str], int]:
 
 
 def _decode_shard(url: str) -> np.ndarray:
-    return np.stack([decode_png(files["png"]) for _, files in iter_samples(Path(url))])
+    return np.stack([decode_ppm(files[SAMPLE_EXT]) for _, files in iter_samples(Path(url))])
 
 
 class CachedImages:
@@ -86,7 +86,7 @@ class CachedImages:
 
 
 def _to_chw(sample: dict) -> torch.Tensor:
-    return torch.from_numpy(decode_png(sample["png"])).permute(2, 0, 1)
+    return torch.from_numpy(decode_ppm(sample[SAMPLE_EXT])).permute(2, 0, 1)
 
 
 def stream_batches(urls: list[str], batch_size: int, seed: int, workers: int) -> Iterator[torch.Tensor]:

@@ -32,7 +32,7 @@ from dedup.autoencoder import (
     train_autoencoder,
 )
 from dedup.grouping import choose_keepers, group_codes
-from preprocessing.images import decode_png
+from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.manifest import write_table
 from preprocessing.preview import tile
 from preprocessing.sharding import extracted_sources
@@ -88,8 +88,8 @@ def collect_crops(work: Path) -> int:
         for tar in sorted(src.glob("part-*.tar")):
             with open(tar, "rb") as fh:
                 for m in index_tar(tar):
-                    if m.ext == "png" and m.key in wanted:
-                        crops.append(to_crop32(decode_png(read_member(fh, m))))
+                    if m.ext == SAMPLE_EXT and m.key in wanted:
+                        crops.append(to_crop32(decode_ppm(read_member(fh, m))))
                         row = wanted[m.key]
                         keys.append(m.key)
                         srcs.append(src.name)

@@ -41,7 +41,7 @@ class DetectorConfig:
     kind: str = "haar"  # "haar" | "yunet"
     model: str | None = None  # YuNet ONNX path
     min_face: int = 64  # keep faces whose box short side (source px) is at least this
-    detect_face: int = 32  # search at a scale where min_face becomes this many pixels
+    detect_face: int = 40  # search at a scale where min_face becomes this many pixels
     haar_scale: float = 1.08
     haar_neighbors: int = 5
     haar_min_score: float = 1.0  # cascade level weight; drops the weakest false positives

@@ -11,13 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
 from collections import Counter
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -25,8 +23,16 @@ from pathlib import Path
 import lmdb
 import pyarrow as pa
 
-from preprocessing.images import DEFAULT_MAX_PIXELS, ImageRejected, center_crop_resize, decode_rgb, encode_png
+from preprocessing.images import (
+    DEFAULT_MAX_PIXELS,
+    SAMPLE_EXT,
+    ImageRejected,
+    center_crop_resize,
+    decode_rgb,
+    encode_ppm,
+)
 from preprocessing.manifest import ManifestRow, merge_part_manifests, read_manifest, write_manifest
+from preprocessing.parallel import process_pool
 from preprocessing.tar_shards import TarShardWriter, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -157,7 +163,7 @@ def extract_partition(
             try:
                 rgb, fmt, (w, h) = decode_rgb(value, min_side=min_side, target_short_side=size, max_pixels=max_pixels)
                 row.format, row.width, row.height = fmt, w, h
-                tar.write(key, {"png": encode_png(center_crop_resize(rgb, size)), "json": row.sample_json()})
+                tar.write(key, {SAMPLE_EXT: encode_ppm(center_crop_resize(rgb, size)), "json": row.sample_json()})
             except ImageRejected as exc:
                 row.status, row.reason, row.detail = "rejected", exc.reason, exc.detail[:200]
             rows.append(row)
@@ -273,8 +279,7 @@ def extract_lsun(
         for p in parts:
             extract_partition(p, out_dir, size, **opts)  # type: ignore[arg-type]
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with process_pool(workers) as pool:
             job = partial(extract_partition, out_dir=out_dir, size=size, **opts)
             for done, _ in enumerate(pool.map(job, parts), 1):
                 log.info("extracted %d/%d parts", done, len(parts))

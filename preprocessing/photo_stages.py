@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -28,8 +26,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from preprocessing.faces import DetectorConfig, FaceDetector, file_sha256, square_crop
-from preprocessing.images import ImageRejected, center_crop_resize, decode_rgb, encode_png
+from preprocessing.images import SAMPLE_EXT, ImageRejected, center_crop_resize, decode_rgb, encode_ppm
 from preprocessing.manifest import write_table
+from preprocessing.parallel import process_pool
 from preprocessing.photos import PhotoSource, list_photos, open_source, read_photos
 from preprocessing.tar_shards import TarShardWriter, atomic_write_json
 
@@ -166,7 +165,9 @@ def run_photo_part(out_dir: Path, part: int, crop_fn_factory: Callable[[dict], C
                         )
                         if k in row
                     }
-                    tar.write(row["key"], {"png": encode_png(crop), "json": json.dumps(meta, sort_keys=True).encode()})
+                    tar.write(
+                        row["key"], {SAMPLE_EXT: encode_ppm(crop), "json": json.dumps(meta, sort_keys=True).encode()}
+                    )
     table = pa.Table.from_pylist(rows, schema=PHOTO_SCHEMA)
     write_table(table, manifest_path)
     summary = _summary(part, table, time.perf_counter() - t0, skipped=False)
@@ -322,7 +323,7 @@ def run_photo_stage(
         for i in range(parts):
             job(i)
     else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with process_pool(workers) as pool:
             for done, _ in enumerate(pool.map(job, range(parts)), 1):
                 log.info("%s: %d/%d parts", name, done, parts)
     return merge_photo_manifests(out_dir)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from preprocessing.images import decode_png
+from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.tar_shards import iter_samples
 
 
@@ -29,7 +29,7 @@ def grid_from_shards(tars: Iterable[Path], n: int = 64) -> np.ndarray | None:
     images: list[np.ndarray] = []
     for tar in tars:
         for _, files in iter_samples(Path(tar)):
-            images.append(decode_png(files["png"]))
+            images.append(decode_ppm(files[SAMPLE_EXT]))
             if len(images) == n:
                 return tile(images)
     return tile(images) if images else None

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from preprocessing.images import SAMPLE_EXT
 from preprocessing.tar_shards import Member, TarShardWriter, atomic_write_json, index_tar, read_member
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _kept_keys(work: Path, source: str, ok_keys: list[str]) -> list[str]:
     return [k for k in ok_keys if k in keep]
 
 
-Item = tuple[str, str, Member, Member]  # (key, staging tar path, png member, json member)
+Item = tuple[str, str, Member, Member]  # (key, staging tar path, image member, json member)
 
 
 def _source_items(src_dir: Path, work: Path) -> tuple[int, list[Item]]:
@@ -69,9 +70,9 @@ def _source_items(src_dir: Path, work: Path) -> tuple[int, list[Item]]:
     items = []
     for key in keys:
         tar, files = members.get(key, ("", {}))
-        if "png" not in files or "json" not in files:
+        if SAMPLE_EXT not in files or "json" not in files:
             raise ShardError(f"{src_dir}: kept item {key} is missing from the staging shards; re-extract")
-        items.append((key, tar, files["png"], files["json"]))
+        items.append((key, tar, files[SAMPLE_EXT], files["json"]))
     return int(plan["settings"]["size"]), items
 
 
@@ -92,7 +93,7 @@ def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, 
         size, src_items = _source_items(src, work)
         sizes[src.name] = size
         counts[src.name] = len(src_items)
-        items += [(f"{src.name}/{key}", tar, png, meta) for key, tar, png, meta in src_items]
+        items += [(f"{src.name}/{key}", tar, image, meta) for key, tar, image, meta in src_items]
         digest.update((src / "manifest.parquet").read_bytes())
     codes = work / "dedup" / "codes.parquet"
     if codes.exists():
@@ -118,7 +119,7 @@ def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, 
     written = 0
     try:
         for pos in order:
-            key, tar, png, meta = items[pos]
+            key, tar, image, meta = items[pos]
             if writer is None or writer.count >= maxcount or written >= maxsize:
                 if writer is not None:
                     writer.close()
@@ -127,8 +128,9 @@ def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, 
                 written = 0
             if tar not in handles:
                 handles[tar] = open(tar, "rb")  # noqa: SIM115 - closed in finally
-            writer.write(key, {"png": read_member(handles[tar], png), "json": read_member(handles[tar], meta)})
-            written += png.size + meta.size + 1024
+            files = {SAMPLE_EXT: read_member(handles[tar], image), "json": read_member(handles[tar], meta)}
+            writer.write(key, files)
+            written += image.size + meta.size + 1024
         assert writer is not None
         writer.close()
         shardlist.append({"url": writer.path.name, "nsamples": writer.count})

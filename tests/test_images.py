@@ -9,7 +9,7 @@ import pytest
 from conftest import celeba_jpegs, encode, reencode
 from PIL import Image
 
-from preprocessing.images import ImageRejected, center_crop_resize, decode_png, decode_rgb, encode_png, sniff_format
+from preprocessing.images import ImageRejected, center_crop_resize, decode_ppm, decode_rgb, encode_ppm, sniff_format
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,36 @@ def test_center_crop_resize_takes_the_middle_square() -> None:
     assert out.shape == (32, 32, 3) and out.min() == 255
 
 
-def test_png_round_trip_is_lossless() -> None:
-    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(decode_png(encode_png(rgb)), rgb)
+def test_ppm_samples_round_trip_losslessly_and_read_as_standard_ppm() -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    data = encode_ppm(rgb)
+    assert np.array_equal(decode_ppm(data), rgb)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), rgb)  # any PPM reader agrees
+    with pytest.raises(ValueError, match="truncated"):
+        decode_ppm(data[:-5])
+
+
+def test_header_probe_agrees_with_pil_and_routes_odd_files_to_pil(jpeg: bytes) -> None:
+    from preprocessing.images import _probe
+
+    photo = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    translucent = photo.convert("RGBA")
+    translucent.putalpha(200)
+    cases = {
+        "baseline": (jpeg, True),
+        "progressive": (encode(photo, "JPEG", progressive=True), True),
+        "gray": (encode(photo.convert("L"), "JPEG"), True),
+        "cmyk": (encode(photo.convert("CMYK"), "JPEG"), False),
+        "truncated": (jpeg[:-200], False),
+        "webp lossy": (encode(photo, "WEBP", quality=80), True),
+        "webp lossless": (encode(photo, "WEBP", lossless=True), True),
+        "webp alpha": (encode(translucent, "WEBP", quality=80), False),
+    }
+    for name, (data, plain) in cases.items():
+        w, h, is_plain = _probe(data, sniff_format(data))
+        assert (w, h) == (178, 218), name
+        assert is_plain == plain, name
+        rgb, _, _ = decode_rgb(data) if name not in ("truncated", "webp alpha") else (None, None, None)
+        if rgb is not None:
+            reference = photo.convert("L").convert("RGB") if name == "gray" else photo
+            assert np.abs(rgb.astype(int) - np.asarray(reference, int)).mean() < 12, name

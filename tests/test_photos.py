@@ -180,7 +180,7 @@ def test_ingest_folder_tree_keeps_class_labels(tmp_path: Path) -> None:
     assert len(samples) == 6
     for _, files in samples:
         meta = json.loads(files["json"])
-        pixel = np.asarray(Image.open(io.BytesIO(files["png"])))
+        pixel = np.asarray(Image.open(io.BytesIO(files["ppm"])))
         assert pixel.shape == (32, 32, 3)
         assert abs(int(pixel.mean()) - (40 if meta["label"] == "cat" else 200)) < 4
 

@@ -34,7 +34,7 @@ def test_stock_webdataset_reads_every_kept_sample_once(shards_dir: Path, extract
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
     keys = [s["__key__"] for s in samples]
     assert sorted(keys) == _ok_keys(extracted_work) and len(set(keys)) == len(keys) == 60
-    assert samples[0]["png"].shape == (32, 32, 3) and samples[0]["png"].dtype == np.uint8
+    assert samples[0]["ppm"].shape == (32, 32, 3) and samples[0]["ppm"].dtype == np.uint8
     assert samples[0]["json"]["source"] == "photos_train"
     assert [s["nsamples"] for s in index["shardlist"]] == [25, 25, 10]
     assert index["total"] == 60 and index["resolution"] == 32 and index["sources"] == {"photos_train": 60}
@@ -127,3 +127,24 @@ def test_all_rejected_source_is_a_clear_error(work: Path) -> None:
     pq.write_table(t, path)
     with pytest.raises(ShardError, match="no usable images"):
         build_shards(work)
+
+
+def test_tar_writer_matches_tarfile_byte_for_byte(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    files = [("abc", {"ppm": b"P6\n1 1\n255\nxyz", "json": b"{}"}), ("d" * 60 + "/" + "k" * 60, {"json": b"[1]"})]
+    with TarShardWriter(tmp_path / "ours.tar") as w:
+        for key, payload in files:
+            w.write(key, payload)
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, payload in files:
+            for ext, data in sorted(payload.items()):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 0
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+    with pytest.raises(ValueError, match="duplicate"), TarShardWriter(tmp_path / "dup.tar") as w:
+        w.write("a", {"json": b"1"})
+        w.write("a", {"json": b"2"})
+    assert not (tmp_path / "dup.tar").exists() and not list(tmp_path.glob(".dup.tar.tmp*"))
