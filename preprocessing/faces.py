@@ -94,7 +94,7 @@ class FaceDetector:
 
     def _detect_haar(self, rgb: np.ndarray) -> list[Face]:
         gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)  # histogram equalisation measured worse
-        side = max(24, int(self.cfg.detect_face * 0.8))
+        side = max(24, int(0.8 * self.cfg.min_face * self.scale))  # 24: the cascade's own window
         boxes, _, weights = self._haar.detectMultiScale3(
             gray, self.cfg.haar_scale, self.cfg.haar_neighbors, minSize=(side, side), outputRejectLevels=True
         )
