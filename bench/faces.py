@@ -9,7 +9,7 @@
    (never as false positives).
 2. CelebA. `run_photo_stage` with `face_settings(64, DetectorConfig(kind=...), 0.25, 64_000_000)`,
    part_size=500, workers=2 on the CelebA parquet: share of photos with exactly one kept crop,
-   and photos/s of the whole stage (planning, spawn pool, decode, detect, crop, PNG, merge).
+   and photos/s of the whole stage (planning, process pool, decode, detect, crop, PPM sample, merge).
 3. Speed, single process and single OpenCV thread (cv2.setNumThreads(1)): `FaceDetector.detect`
    (from the decoded RGB photo; downscale and grey conversion inside the timed call) against the
    textbook `cv2.CascadeClassifier(haarcascade_frontalface_default).detectMultiScale(gray, 1.1, 5)`
@@ -129,8 +129,8 @@ def quality(annotated: Path, yunet: Path) -> tuple[list[str], dict[str, bool]]:
         "",
         f"Shipped `DetectorConfig` defaults except min_face={m}: the annotated faces are "
         f"{min(sides):.0f}-{max(sides):.0f} px (short side), below the shipped min_face=64 "
-        f"(with the shipped detect_face=40 this means detection at full resolution). 'kept' = the boxes the faces stage "
-        f"crops (short side >= min_face={m}); 'all' = every box `FaceDetector.detect` returns.",
+        f"(with the shipped detect_face=40 this means detection at full resolution). 'kept' = the boxes the "
+        f"faces stage crops (short side >= min_face={m}); 'all' = every box `FaceDetector.detect` returns.",
         "",
         "**Caveat:** the Haar parameters (scale 1.08, neighbors 5, min level weight 1.0, no equalisation) "
         f"were tuned on these same {n_gt} boxes; there is no held-out set, so training.xml and testing.xml "
@@ -195,7 +195,7 @@ def celeba_stage(celeba: Path, n: int | None, yunet: Path, scratch: Path) -> tup
         "",
         '`run_photo_stage(parquet, work, "celeba", face_settings(64, DetectorConfig(kind=K), 0.25, 64_000_000), '
         "part_size=500, workers=2)`; shipped defaults (min_face=64, crops 64 px). photos/s is the whole call "
-        "(planning, spawn pool start-up, decode, detect, crop, PNG encode, tar and manifest writes, merge).",
+        "(planning, process pool start-up, decode, detect, crop, PPM sample, tar and manifest writes, merge).",
         "",
         "| detector | exactly 1 crop | 0 crops (no face / only too small) | >= 2 crops | seconds | photos/s |",
         "|---|---|---|---|---|---|",
