@@ -73,6 +73,46 @@ class Discriminator(nn.Module):
         return self.main(x).flatten()
 
 
+class ImageNetDiscriminator32(nn.Module):
+    """The paper's 32 px ImageNet-1k discriminator for the CIFAR-10 experiment (section 5.1).
+
+    Six 3x3 convolutions of widths 128, 128, 256, 256, 512, 512 (every second one strided),
+    batchnorm after all but the first, LeakyReLU 0.2, and a real/fake logit on top.
+    """
+
+    WIDTHS = (128, 128, 256, 256, 512, 512)
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, width in enumerate(self.WIDTHS):
+            layers.append(nn.Conv2d(c_in, width, 3, 2 if i % 2 == 1 else 1, 1, bias=False))
+            if i > 0:
+                layers.append(nn.BatchNorm2d(width))
+            layers.append(nn.LeakyReLU(0.2, True))
+            c_in = width
+        layers.append(nn.Conv2d(c_in, 1, 4, 1, 0, bias=False))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).flatten()
+
+
+DISCRIMINATORS = ("dcgan", "imagenet32")
+
+
+def build_discriminator(kind: str, resolution: int, ndf: int = 64) -> nn.Module:
+    """`dcgan`: the guideline D for 32/64/128 px; `imagenet32`: the paper's CIFAR-10 feature D."""
+    if kind == "dcgan":
+        return Discriminator(resolution, ndf)
+    if kind == "imagenet32":
+        if resolution != 32:
+            raise ValueError(f"the imagenet32 discriminator works at 32 px, not {resolution}")
+        return ImageNetDiscriminator32()
+    raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {kind!r}")
+
+
 def init_weights(module: nn.Module) -> None:
     """The paper's initialisation: conv weights ~ N(0, 0.02); BN scale ~ N(1, 0.02), shift 0."""
     if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):

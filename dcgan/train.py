@@ -22,12 +22,12 @@ from torchvision.utils import save_image
 
 from dcgan.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from dcgan.data import CachedImages, DataError, shard_urls, stream_batches, to_unit_range
-from dcgan.models import RESOLUTIONS, Discriminator, Generator, init_weights
+from dcgan.models import DISCRIMINATORS, RESOLUTIONS, Generator, build_discriminator, init_weights
 
 log = logging.getLogger(__name__)
 
 # Settings that define the model; a checkpoint can only resume a run that agrees on them.
-ARCH_FIELDS = ("resolution", "nz", "ngf", "ndf", "noise")
+ARCH_FIELDS = ("resolution", "nz", "ngf", "ndf", "noise", "discriminator")
 
 
 class TrainingDiverged(RuntimeError):
@@ -47,6 +47,7 @@ class TrainConfig:
     ngf: int = 64
     ndf: int = 64
     noise: str = "uniform"
+    discriminator: str = "dcgan"  # or "imagenet32": the paper's 32 px CIFAR-10 feature D
     seed: int = 0
     device: str = "auto"
     log_every: int = 50
@@ -65,6 +66,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.beta1 < 1):
             raise ValueError(f"need lr > 0 and 0 <= beta1 < 1, got {self.lr}, {self.beta1}")
+        if self.discriminator not in DISCRIMINATORS:
+            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
+        if self.discriminator == "imagenet32" and self.resolution != 32:
+            raise ValueError("the imagenet32 discriminator trains at resolution 32")
         if self.noise not in ("uniform", "normal"):
             raise ValueError(f"noise must be 'uniform' or 'normal', got {self.noise!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -98,7 +103,7 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         torch.manual_seed(cfg.seed)
         self.G = Generator(cfg.resolution, cfg.nz, cfg.ngf).to(self.device)
-        self.D = Discriminator(cfg.resolution, cfg.ndf).to(self.device)
+        self.D = build_discriminator(cfg.discriminator, cfg.resolution, cfg.ndf).to(self.device)
         self.G.apply(init_weights)
         self.D.apply(init_weights)
         betas = (cfg.beta1, 0.999)
@@ -126,7 +131,8 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = load_checkpoint(path)
         saved = state.get("config", {})
-        clash = {k: (saved.get(k), getattr(self.cfg, k)) for k in ARCH_FIELDS if saved.get(k) != getattr(self.cfg, k)}
+        saved = {k: saved.get(k, getattr(TrainConfig, k, None)) for k in ARCH_FIELDS}  # older files lack new fields
+        clash = {k: (saved[k], getattr(self.cfg, k)) for k in ARCH_FIELDS if saved[k] != getattr(self.cfg, k)}
         if clash:
             detail = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in clash.items())
             raise CheckpointError(f"{path} belongs to an incompatible model ({detail})")

@@ -14,6 +14,7 @@ import typer
 
 from dcgan.checkpoint import CheckpointError
 from dcgan.data import DataError
+from dcgan.evaluation.cifar import EvaluationError
 from dcgan.train import TrainingDiverged
 from dedup.autoencoder import AutoencoderError
 from preprocessing.lsun import LsunError
@@ -22,6 +23,7 @@ from preprocessing.sharding import ShardError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 USER_ERRORS = (
+    EvaluationError,
     AutoencoderError,
     LsunError,
     ShardError,
@@ -249,6 +251,30 @@ def train(
         resume=resume,
     )
     typer.echo(f"trained to step {r['steps']}: samples {r['samples']}, checkpoint {r['checkpoint']}")
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="training run directory (WORK/train/<run>)")],
+    cifar10: Annotated[Path, typer.Option(help="folder with CIFAR-10 train.parquet and test.parquet")],
+    limit_train: Annotated[int | None, typer.Option(help="use a seeded subset of the training images")] = None,
+    limit_test: Annotated[int | None, typer.Option(help="use a seeded subset of the test images")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda, for feature extraction")] = "cpu",
+) -> None:
+    """The paper's CIFAR-10 protocol on a run's newest checkpoint, with random-D and pixel baselines."""
+    from dcgan.evaluation.runs import load_run
+    from dcgan.train import resolve_device
+    from flows.evaluate import evaluate_flow
+
+    _run(load_run, run)
+    _run(resolve_device, device)
+    for split in ("train", "test"):
+        if not (cifar10 / f"{split}.parquet").is_file():
+            _run(_fail, f"{cifar10} lacks {split}.parquet (expected the CIFAR-10 tables: key, label, image)")
+    r = _run(evaluate_flow, str(run), str(cifar10), limit_train=limit_train, limit_test=limit_test, device=device)
+    for name, res in r["cifar10"].items():
+        typer.echo(f"CIFAR-10 {name}: {res['test_accuracy'] * 100:.2f}% test accuracy ({res['feature_dim']}-d)")
+    typer.echo(f"report: {r['eval_dir']}/report.md")
 
 
 @app.command("run")

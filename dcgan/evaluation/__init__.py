@@ -1,0 +1,1 @@
+"""Evaluation of trained DCGANs: the paper's representation-learning protocols and sample checks."""

@@ -1,0 +1,152 @@
+"""Evaluation: D features, the L2-SVM, the CIFAR-10 protocol and the evaluate command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import SHARED
+
+from dcgan.checkpoint import CheckpointError
+from dcgan.evaluation.cifar import EvaluationError, cifar10_protocol, load_labelled_images, seeded
+from dcgan.evaluation.features import conv_outputs, extract_features, feature_size
+from dcgan.evaluation.runs import load_run
+from dcgan.evaluation.svm import fit_svm, select_and_fit
+from dcgan.models import Discriminator, ImageNetDiscriminator32
+from dcgan.train import TrainConfig, train
+
+CIFAR = SHARED / "data" / "cifar10"
+
+
+def test_paper_imagenet_discriminator_gives_28672_features() -> None:
+    D = ImageNetDiscriminator32()
+    assert feature_size(D, 32) == 28_672  # (128+128+256+256+512+512) x 4 x 4, as in the paper
+    assert len(conv_outputs(D)) == 6 and D(torch.zeros(2, 3, 32, 32)).shape == (2,)
+    assert feature_size(Discriminator(32), 32) == (64 + 128 + 256) * 16
+
+
+def test_features_are_max_pooled_activations_of_each_layer() -> None:
+    torch.manual_seed(0)
+    D = Discriminator(32, ndf=4).eval()
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    feats = extract_features(D, images, batch=2)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        first = D.main[1](D.main[0](x))  # conv + LeakyReLU: the first layer's representation
+    expected = torch.nn.functional.adaptive_max_pool2d(first, 4).flatten(1)
+    assert feats.dtype == np.float16 and feats.shape == (3, (4 + 8 + 16) * 16)
+    assert np.allclose(feats[:, : 4 * 16], expected.numpy(), atol=2e-3)
+
+
+def test_l2svm_reaches_liblinears_optimum() -> None:
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1500, 40)).astype(np.float32)
+    y = (x @ rng.normal(size=(40, 4)) + rng.normal(size=(1500, 4))).argmax(1)
+    ours = fit_svm(x, y, 1.0)
+    xs = (x - x.mean(0)) / x.std(0)
+    ref = LinearSVC(
+        C=1.0, loss="squared_hinge", penalty="l2", dual=False, tol=1e-8, max_iter=100_000, intercept_scaling=100
+    ).fit(xs, y)  # a large scaling all but unregularises the bias, as ours
+
+    def primal(w: np.ndarray, b: np.ndarray) -> np.ndarray:  # LinearSVC's objective, per class
+        t = np.where(y[:, None] == np.arange(4), 1.0, -1.0)
+        margin = np.clip(1 - t * (xs @ w + b), 0, None)
+        return 0.5 * (w**2).sum(0) + (margin**2).sum(0)
+
+    assert np.all(primal(ours.weight.numpy(), ours.bias.numpy()) <= primal(ref.coef_.T, ref.intercept_) * (1 + 1e-4))
+    assert abs(ours.accuracy(x, y) - ref.score(xs, y)) < 0.01
+
+
+def test_svm_selects_c_on_held_out_data_and_refuses_one_class() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 10)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    model, scores = select_and_fit(x, y, grid=(1e-3, 1.0))
+    assert set(scores) == {1e-3, 1.0} and model.C in scores and model.accuracy(x, y) > 0.95
+    with pytest.raises(ValueError, match="two classes"):
+        fit_svm(x, np.zeros(400), 1.0)
+
+
+def test_cifar_tables_load_and_bad_tables_are_clear_errors(tmp_path: Path) -> None:
+    images, labels = load_labelled_images(CIFAR / "test.parquet", limit=50)
+    assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8 and set(labels) <= set(range(10))
+    pq.write_table(pa.table({"key": ["a"], "image": [b"x"]}), tmp_path / "nolabel.parquet")
+    with pytest.raises(EvaluationError, match=r"lacks column\(s\) \['label'\]"):
+        load_labelled_images(tmp_path / "nolabel.parquet")
+    with pytest.raises(EvaluationError, match="not found"):
+        load_labelled_images(tmp_path / "missing.parquet")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shards_dir: Path) -> Path:
+    run = shards_dir.parent / "train" / "eval-run"
+    if not (run / "checkpoints").exists():
+        train(
+            TrainConfig(shards=str(shards_dir), run_dir=str(run), steps=2, resolution=32, batch_size=16, ngf=8, ndf=8)
+        )
+    return run
+
+
+def test_cifar10_protocol_runs_trained_random_and_pixel_features(tiny_run: Path) -> None:
+    cfg, _, D, step = load_run(tiny_run)
+    random_d = seeded(load_run(tiny_run)[2], 1)
+    assert step == 2 and not torch.equal(random_d.main[0].weight, D.main[0].weight)
+    results = cifar10_protocol(D, random_d, CIFAR, 32, limit_train=400, limit_test=200)
+    assert set(results) == {"trained_D", "random_D", "raw_pixels"}
+    assert results["raw_pixels"]["feature_dim"] == 3072 and results["trained_D"]["feature_dim"] == (8 + 16 + 32) * 16
+    for r in results.values():
+        assert r["n_train"] == 400 and r["n_test"] == 200 and 0.1 < r["test_accuracy"] <= 1.0  # above chance
+
+
+def test_run_without_checkpoints_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        load_run(tmp_path)
+
+
+def test_imagenet32_discriminator_trains_and_is_32px_only(shards_dir: Path, tmp_path: Path) -> None:
+    result = train(
+        TrainConfig(
+            shards=str(shards_dir),
+            run_dir=str(tmp_path / "r"),
+            steps=1,
+            resolution=32,
+            batch_size=8,
+            ngf=8,
+            discriminator="imagenet32",
+        )
+    )
+    assert result["steps"] == 1
+    _, _, D, _ = load_run(tmp_path / "r")
+    assert isinstance(D, ImageNetDiscriminator32)
+    with pytest.raises(ValueError, match="resolution 32"):
+        TrainConfig(shards="s", run_dir="r", resolution=64, discriminator="imagenet32").validate()
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_metrics_and_report(prefect_api: None, tiny_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["evaluate", "--run", str(tiny_run), "--cifar10", str(CIFAR), "--limit-train", "300", "--limit-test", "100"],
+    )
+    assert result.exit_code == 0, result.output
+    out = tiny_run.parent.parent / "eval" / tiny_run.name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and set(metrics["cifar10"]) == {"trained_D", "random_D", "raw_pixels"}
+    assert "CIFAR-10" in (out / "report.md").read_text()
+    bad = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--cifar10", str(tmp_path)])
+    assert bad.exit_code == 2 and "train.parquet" in bad.output
+    empty = runner.invoke(app, ["evaluate", "--run", str(tmp_path), "--cifar10", str(CIFAR)])
+    assert empty.exit_code == 2 and "no checkpoints" in empty.output
