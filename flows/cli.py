@@ -231,12 +231,17 @@ def train(
     batch_size: Annotated[int, typer.Option(help="batch size")] = 128,
     run: Annotated[str | None, typer.Option(help="run name under WORK/train (default: new timestamp)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the named (or newest) run from its checkpoint")] = False,
+    discriminator: Annotated[str, typer.Option(help="dcgan, or imagenet32 (the paper's 32 px CIFAR-10 D)")] = "dcgan",
 ) -> None:
     """Train a DCGAN on WORK/shards."""
     from dcgan.data import shard_urls
-    from dcgan.train import resolve_device
+    from dcgan.train import TrainConfig, resolve_device
     from flows.train import train_flow
 
+    settings = TrainConfig(
+        "", "", steps=steps, resolution=resolution, batch_size=batch_size, device=device, discriminator=discriminator
+    )
+    _run(settings.validate)
     _run(resolve_device, device)
     _run(shard_urls, work / "shards", resolution)
 
@@ -249,6 +254,7 @@ def train(
         batch_size=batch_size,
         run=run,
         resume=resume,
+        discriminator=discriminator,
     )
     typer.echo(f"trained to step {r['steps']}: samples {r['samples']}, checkpoint {r['checkpoint']}")
 

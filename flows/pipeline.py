@@ -94,6 +94,8 @@ class TrainSettings(_Strict):
     nz: int = Field(100, ge=1)
     ngf: int = Field(64, ge=1)
     ndf: int = Field(64, ge=1)
+    discriminator: Literal["dcgan", "imagenet32"] = "dcgan"
+    noise: Literal["uniform", "normal"] = "uniform"
     sample_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
