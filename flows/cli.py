@@ -262,25 +262,46 @@ def train(
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Option(help="training run directory (WORK/train/<run>)")],
-    cifar10: Annotated[Path, typer.Option(help="folder with CIFAR-10 train.parquet and test.parquet")],
-    limit_train: Annotated[int | None, typer.Option(help="use a seeded subset of the training images")] = None,
-    limit_test: Annotated[int | None, typer.Option(help="use a seeded subset of the test images")] = None,
+    cifar10: Annotated[Path | None, typer.Option(help="folder with CIFAR-10 train.parquet and test.parquet")] = None,
+    svhn: Annotated[Path | None, typer.Option(help="folder with SVHN train_32x32.mat and test_32x32.mat")] = None,
+    limit_train: Annotated[int | None, typer.Option(help="CIFAR-10: a seeded subset of the training images")] = None,
+    limit_test: Annotated[int | None, typer.Option(help="CIFAR-10: a seeded subset of the test images")] = None,
+    svhn_draws: Annotated[int, typer.Option(help="SVHN: draws of the 1000 labelled images")] = 10,
     device: Annotated[str, typer.Option(help="cpu or cuda, for feature extraction")] = "cpu",
 ) -> None:
-    """The paper's CIFAR-10 protocol on a run's newest checkpoint, with random-D and pixel baselines."""
+    """The paper's CIFAR-10 and SVHN protocols on a run's newest checkpoint, with baselines for CIFAR-10."""
     from dcgan.evaluation.runs import load_run
     from dcgan.train import resolve_device
     from flows.evaluate import evaluate_flow
 
     _run(load_run, run)
     _run(resolve_device, device)
-    for split in ("train", "test"):
-        if not (cifar10 / f"{split}.parquet").is_file():
-            _run(_fail, f"{cifar10} lacks {split}.parquet (expected the CIFAR-10 tables: key, label, image)")
-    r = _run(evaluate_flow, str(run), str(cifar10), limit_train=limit_train, limit_test=limit_test, device=device)
-    for name, res in r["cifar10"].items():
+    if cifar10 is None and svhn is None:
+        _run(_fail, "give --cifar10 DIR and/or --svhn DIR")
+    needed = [(cifar10, f) for f in ("train.parquet", "test.parquet")] + [(svhn, f) for f in SVHN_FILES]
+    for folder, name in needed:
+        if folder is not None and not (folder / name).is_file():
+            _run(_fail, f"{folder} lacks {name}")
+    r = _run(
+        evaluate_flow,
+        str(run),
+        str(cifar10) if cifar10 else None,
+        str(svhn) if svhn else None,
+        limit_train=limit_train,
+        limit_test=limit_test,
+        svhn_draws=svhn_draws,
+        device=device,
+    )
+    for name, res in r.get("cifar10", {}).items():
         typer.echo(f"CIFAR-10 {name}: {res['test_accuracy'] * 100:.2f}% test accuracy ({res['feature_dim']}-d)")
+    if "svhn" in r:
+        typer.echo(
+            f"SVHN: {r['svhn']['test_error_mean'] * 100:.2f}% +- {r['svhn']['test_error_std'] * 100:.2f}% test error"
+        )
     typer.echo(f"report: {r['eval_dir']}/report.md")
+
+
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 
 @app.command("run")

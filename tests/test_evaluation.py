@@ -150,3 +150,69 @@ def test_evaluate_cli_writes_metrics_and_report(prefect_api: None, tiny_run: Pat
     assert bad.exit_code == 2 and "train.parquet" in bad.output
     empty = runner.invoke(app, ["evaluate", "--run", str(tmp_path), "--cifar10", str(CIFAR)])
     assert empty.exit_code == 2 and "no checkpoints" in empty.output
+
+
+def _write_svhn(path: Path, n: int, seed: int) -> None:
+    """A small file in the official SVHN format: X (32, 32, 3, N) uint8, y (N, 1) in 1..10 (10 = digit 0)."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(1, 11, n)
+    x = rng.integers(0, 60, (32, 32, 3, n)).astype(np.uint8)
+    for i, label in enumerate(y):  # a class-dependent bright square, so features can separate classes
+        r, c = divmod(int(label) - 1, 4)
+        x[r * 8 : r * 8 + 8, c * 8 : c * 8 + 8, :, i] += 150
+    scipy.io.savemat(path, {"X": x, "y": y.reshape(-1, 1)})
+
+
+def test_svhn_loader_reads_the_official_layout_and_rejects_others(tmp_path: Path) -> None:
+    import scipy.io
+
+    from dcgan.evaluation.svhn import load_svhn_mat
+
+    _write_svhn(tmp_path / "train_32x32.mat", 30, 0)
+    images, labels = load_svhn_mat(tmp_path / "train_32x32.mat")
+    assert images.shape == (30, 32, 32, 3) and set(labels) <= set(range(10))
+    raw = scipy.io.loadmat(tmp_path / "train_32x32.mat")
+    assert np.array_equal(labels, np.where(raw["y"].ravel() == 10, 0, raw["y"].ravel()))  # 10 means digit 0
+    scipy.io.savemat(tmp_path / "wrong.mat", {"images": np.zeros((2, 2))})
+    with pytest.raises(EvaluationError, match="lacks the official keys"):
+        load_svhn_mat(tmp_path / "wrong.mat")
+    (tmp_path / "junk.mat").write_bytes(b"not a mat file")
+    with pytest.raises(EvaluationError):
+        load_svhn_mat(tmp_path / "junk.mat")
+
+
+def test_svhn_protocol_draws_balanced_labels_and_reports_spread(tmp_path: Path) -> None:
+    from dcgan.evaluation.cifar import pixel_features
+    from dcgan.evaluation.svhn import load_svhn_mat, svhn_protocol
+
+    _write_svhn(tmp_path / "train_32x32.mat", 700, 1)
+    _write_svhn(tmp_path / "test_32x32.mat", 200, 2)
+    train, test = load_svhn_mat(tmp_path / "train_32x32.mat"), load_svhn_mat(tmp_path / "test_32x32.mat")
+    r = svhn_protocol(pixel_features, train, test, val_size=200, per_class=20, draws=3)
+    assert r["labelled"] == 200 and r["draws"] == 3 and len(r["errors"]) == 3 and r["n_val"] == 200
+    assert r["test_error_mean"] < 0.5 and r["test_error_std"] >= 0
+    with pytest.raises(EvaluationError, match="too few"):
+        svhn_protocol(pixel_features, train, test, val_size=200, per_class=200, draws=1)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_runs_svhn_on_official_files(prefect_api: None, tiny_run: Path, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    _write_svhn(tmp_path / "train_32x32.mat", 11_500, 3)  # the paper's 10,000 validation images + a pool
+    _write_svhn(tmp_path / "test_32x32.mat", 300, 4)
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--svhn", str(tmp_path), "--svhn-draws", "2"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tiny_run.parent.parent / "eval" / tiny_run.name / "metrics.json").read_text())
+    assert metrics["svhn"]["draws"] == 2 and metrics["svhn"]["labelled"] == 1000
+    assert metrics["svhn"]["n_val"] == 10_000 and 0 <= metrics["svhn"]["test_error_mean"] < 0.9
+    (tmp_path / "test_32x32.mat").unlink()
+    missing = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--svhn", str(tmp_path)])
+    assert missing.exit_code == 2 and "test_32x32.mat" in missing.output

@@ -53,7 +53,7 @@ def _standardise(x: np.ndarray, batch: int = 8192) -> tuple[torch.Tensor, torch.
     return xs, mean, scale
 
 
-def fit_svm(x: np.ndarray, y: np.ndarray, C: float, *, max_iter: int = 1000) -> LinearSVM:
+def fit_svm(x: np.ndarray, y: np.ndarray, C: float, *, max_iter: int = 500) -> LinearSVM:
     """Train one-vs-rest squared-hinge SVMs for all classes at once."""
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(f"need as many labels as feature rows (got {len(x)} rows, {len(y)} labels)")
@@ -72,7 +72,7 @@ def fit_svm(x: np.ndarray, y: np.ndarray, C: float, *, max_iter: int = 1000) -> 
         max_iter=max_iter,
         history_size=20,
         tolerance_grad=1e-6,
-        tolerance_change=1e-12,
+        tolerance_change=1e-9,
         line_search_fn="strong_wolfe",
     )
 

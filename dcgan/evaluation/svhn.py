@@ -1,0 +1,85 @@
+"""The paper's SVHN protocol (section 5.2) on the official cropped-digit files.
+
+train_32x32.mat / test_32x32.mat hold `X` (32, 32, 3, N) uint8 and `y` (N, 1) with labels
+1..10, where 10 stands for the digit 0. As in the paper: a 10,000-image validation split of
+the training set chooses C; the L2-SVM is trained on 1000 labelled examples, 100 per class,
+drawn from the rest; the test error is reported as mean and spread over several draws.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+
+from dcgan.evaluation.cifar import EvaluationError
+from dcgan.evaluation.svm import C_GRID, fit_svm
+
+log = logging.getLogger(__name__)
+
+
+def load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and labels 0..9 from an official SVHN .mat file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"SVHN file not found: {path}")
+    try:
+        mat = scipy.io.loadmat(path)
+    except (ValueError, OSError, TypeError, scipy.io.matlab.MatReadError) as exc:
+        raise EvaluationError(f"{path} is not a readable .mat file: {exc}") from exc
+    if "X" not in mat or "y" not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise EvaluationError(f"{path} lacks the official keys 'X' and 'y' (has {keys})")
+    x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
+    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
+        raise EvaluationError(f"{path}: X must be (32, 32, 3, N) with N = len(y), got {x.shape} and {len(y)}")
+    return np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2)).astype(np.uint8)), np.where(y == 10, 0, y).astype(int)
+
+
+def svhn_protocol(
+    features: Callable[[np.ndarray], np.ndarray],
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    *,
+    val_size: int = 10_000,
+    per_class: int = 100,
+    draws: int = 10,
+    seed: int = 0,
+) -> dict:
+    """Test error (mean, std over `draws`) of an L2-SVM on `per_class` labels per class."""
+    images, labels = train
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    val, pool = np.sort(order[:val_size]), order[val_size:]
+    classes = np.unique(labels)
+    short = [c for c in classes if (labels[pool] == c).sum() < per_class]
+    if short or len(val) == 0:
+        raise EvaluationError(f"too few training images for {per_class} per class plus a validation split")
+    x_val, x_test = features(images[val]), features(test[0])
+
+    def draw() -> np.ndarray:
+        return np.sort(np.concatenate([rng.choice(pool[labels[pool] == c], per_class, replace=False) for c in classes]))
+
+    first = draw()
+    x_first = features(images[first])
+    scores = {C: fit_svm(x_first, labels[first], C).accuracy(x_val, labels[val]) for C in C_GRID}
+    best = max(C_GRID, key=lambda c: (scores[c], -c))
+    errors = [1 - fit_svm(x_first, labels[first], best).accuracy(x_test, test[1])]
+    for _ in range(draws - 1):
+        idx = draw()
+        errors.append(1 - fit_svm(features(images[idx]), labels[idx], best).accuracy(x_test, test[1]))
+    log.info("SVHN: test error %.4f +- %.4f over %d draws (C=%g)", np.mean(errors), np.std(errors), draws, best)
+    return {
+        "test_error_mean": float(np.mean(errors)),
+        "test_error_std": float(np.std(errors)),
+        "errors": [float(e) for e in errors],
+        "C": best,
+        "validation_accuracy": {str(k): v for k, v in scores.items()},
+        "labelled": per_class * len(classes),
+        "draws": draws,
+        "n_val": int(len(val)),
+        "n_test": int(len(test[1])),
+    }
