@@ -269,15 +269,13 @@ def evaluate(
     svhn_draws: Annotated[int, typer.Option(help="SVHN: draws of the 1000 labelled images")] = 10,
     device: Annotated[str, typer.Option(help="cpu or cuda, for feature extraction")] = "cpu",
 ) -> None:
-    """The paper's CIFAR-10 and SVHN protocols on a run's newest checkpoint, with baselines for CIFAR-10."""
+    """Sample quality (SWD), latent walks, and the paper's CIFAR-10 and SVHN protocols on a run's checkpoint."""
     from dcgan.evaluation.runs import load_run
     from dcgan.train import resolve_device
     from flows.evaluate import evaluate_flow
 
     _run(load_run, run)
     _run(resolve_device, device)
-    if cifar10 is None and svhn is None:
-        _run(_fail, "give --cifar10 DIR and/or --svhn DIR")
     needed = [(cifar10, f) for f in ("train.parquet", "test.parquet")] + [(svhn, f) for f in SVHN_FILES]
     for folder, name in needed:
         if folder is not None and not (folder / name).is_file():

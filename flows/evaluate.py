@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import cv2
+import torch
 from prefect import flow, task
 
 from dcgan.evaluation.cifar import cifar10_protocol, seeded
 from dcgan.evaluation.features import extract_features
+from dcgan.evaluation.quality import generate, latent_walks, real_images, sliced_wasserstein_distance
 from dcgan.evaluation.runs import load_run
 from dcgan.evaluation.svhn import load_svhn_mat, svhn_protocol
 from flows.reports import publish, table
+from preprocessing.preview import tile
 from preprocessing.tar_shards import atomic_write_json
 
 
@@ -36,6 +39,25 @@ def cifar10_task(run: str, cifar10: str, limit_train: int | None, limit_test: in
 
 
 @task
+def samples_task(run: str, n: int) -> dict:
+    """SWD between generated and training images, plus sample and latent-walk grids."""
+    cfg, G, _, _ = load_run(Path(run))
+    real = real_images(cfg["shards"], n)
+    z = torch.Generator().manual_seed(7)
+    noise = (
+        torch.rand(len(real), cfg["nz"], generator=z) * 2 - 1
+        if cfg.get("noise", "uniform") == "uniform"
+        else (torch.randn(len(real), cfg["nz"], generator=z))
+    )
+    fake = generate(G, noise)
+    figures = eval_dir_for(Path(run)) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for name, images, cols in (("samples", fake[:64], 8), ("latent_walks", latent_walks(G, cfg["nz"]), 10)):
+        cv2.imwrite(str(figures / f"{name}.png"), cv2.cvtColor(tile(list(images), columns=cols), cv2.COLOR_RGB2BGR))
+    return {"swd": sliced_wasserstein_distance(real, fake), "images": len(real)}
+
+
+@task
 def svhn_task(run: str, svhn: str, draws: int, device: str) -> dict:
     cfg, _, D, _ = load_run(Path(run))
     if cfg["resolution"] != 32:
@@ -51,6 +73,15 @@ def write_report(run: str, metrics: dict) -> str:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
     md = f"# Evaluation: {Path(run).name} (step {metrics['step']})\n\n"
+    q = metrics["samples"]
+    md += (
+        "## Samples\n\nSliced Wasserstein distance x 1e3 (Karras et al. 2018) between "
+        f"{q['images']} generated and {q['images']} training images, per Laplacian-pyramid level (lower is "
+        "better):\n\n"
+    )
+    md += table([(k, f"{v:.1f}") for k, v in q["swd"].items()], ("level", "SWD"))
+    md += "\n![samples](figures/samples.png)\n\nLatent walks (paper 6.1): each row interpolates linearly in Z.\n"
+    md += "\n![latent walks](figures/latent_walks.png)\n\n"
     if "cifar10" in metrics:
         rows = [
             (name, f"{r['test_accuracy'] * 100:.2f}%", r["feature_dim"], f"{r['C']:g}", r["n_train"], r["n_test"])
@@ -71,8 +102,11 @@ def write_report(run: str, metrics: dict) -> str:
             "The paper reports 22.48% for DCGAN + L2-SVM.\n"
         )
     (out / "report.md").write_text(md)
-    publish(Path(run).parent.parent, f"eval-{Path(run).name}", md)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    # The stage report and the artifact carry the latent walks inline instead of the figure links.
+    summary = "\n".join(line for line in md.splitlines() if "](figures/" not in line)
+    publish(
+        Path(run).parent.parent, f"eval-{Path(run).name}", summary, (out / "figures" / "latent_walks.png").read_bytes()
+    )
     return str(out)
 
 
@@ -84,15 +118,13 @@ def evaluate_flow(
     limit_train: int | None = None,
     limit_test: int | None = None,
     svhn_draws: int = 10,
+    swd_images: int = 2048,
     device: str = "cpu",
 ) -> dict:
     """Evaluate the newest checkpoint of a training run directory (`<work>/train/<run>`)."""
-    if cifar10 is None and svhn is None:
-        raise ValueError("give at least one of cifar10 or svhn")
-    metrics: dict = {}
+    metrics: dict = {"step": load_run(Path(run))[3], "samples": samples_task(run, swd_images)}
     if cifar10 is not None:
         metrics.update(cifar10_task(run, cifar10, limit_train, limit_test, device))
     if svhn is not None:
         metrics["svhn"] = svhn_task(run, svhn, svhn_draws, device)
-        metrics.setdefault("step", load_run(Path(run))[3])
     return {**metrics, "eval_dir": write_report(run, metrics)}

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dcgan.models import RESOLUTIONS
 from flows.dedup import dedup_flow
+from flows.evaluate import evaluate_flow
 from flows.lsun import lsun_extract_flow
 from flows.photos import faces_flow, ingest_flow
 from flows.shard import shard_flow
@@ -101,6 +102,13 @@ class TrainSettings(_Strict):
     log_every: int = Field(50, ge=1)
 
 
+class EvaluateSettings(_Strict):
+    enabled: bool = True
+    cifar10: str | None = None
+    svhn: str | None = None
+    swd_images: int = Field(2048, ge=16)
+
+
 class PipelineConfig(_Strict):
     work: str
     sources: list[Annotated[LsunSource | DemoSource | FacesSource | ImagesSource, Field(discriminator="type")]] = Field(
@@ -110,6 +118,7 @@ class PipelineConfig(_Strict):
     dedup: DedupSettings = DedupSettings()
     shard: ShardSettings = ShardSettings()
     train: TrainSettings = TrainSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -135,6 +144,7 @@ def write_pipeline_report(work: str) -> str:
     parts = [p.read_text() for p in sorted(reports.glob("extract-*.md"))]
     parts += [p.read_text() for p in [reports / "dedup.md", reports / "shards.md"] if p.exists()]
     parts += [p.read_text() for p in sorted(reports.glob("train-*.md"), key=lambda p: p.stat().st_mtime)[-1:]]
+    parts += [p.read_text() for p in sorted(reports.glob("eval-*.md"), key=lambda p: p.stat().st_mtime)[-1:]]
     text = "\n\n".join(t.replace("](", "](reports/") for t in parts)
     path = Path(work) / "report.md"
     path.write_text(text)
@@ -215,5 +225,22 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
     if cfg.train.enabled:
         t = cfg.train.model_dump(exclude={"enabled"})
         trained = train_flow(cfg.work, resolution=ex.size, **t)
+    evaluated = None
+    if trained is not None and cfg.evaluate.enabled:
+        ev = cfg.evaluate
+        evaluated = evaluate_flow(
+            trained["run_dir"],
+            ev.cifar10,
+            ev.svhn,
+            swd_images=ev.swd_images,
+            device="cuda" if cfg.train.device.startswith("cuda") else "cpu",
+        )
     report = write_pipeline_report(cfg.work)
-    return {"extract": extracted, "dedup": deduped, "shards": shards, "train": trained, "report": report}
+    return {
+        "extract": extracted,
+        "dedup": deduped,
+        "shards": shards,
+        "train": trained,
+        "evaluate": evaluated,
+        "report": report,
+    }

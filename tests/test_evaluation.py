@@ -145,7 +145,10 @@ def test_evaluate_cli_writes_metrics_and_report(prefect_api: None, tiny_run: Pat
     out = tiny_run.parent.parent / "eval" / tiny_run.name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and set(metrics["cifar10"]) == {"trained_D", "random_D", "raw_pixels"}
-    assert "CIFAR-10" in (out / "report.md").read_text()
+    assert metrics["samples"]["images"] == 60 and metrics["samples"]["swd"]["mean"] > 0  # all 60 training images
+    report = (out / "report.md").read_text()
+    assert "CIFAR-10" in report and "Sliced Wasserstein" in report
+    assert (out / "figures" / "latent_walks.png").stat().st_size > 1000 and (out / "figures" / "samples.png").exists()
     bad = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--cifar10", str(tmp_path)])
     assert bad.exit_code == 2 and "train.parquet" in bad.output
     empty = runner.invoke(app, ["evaluate", "--run", str(tmp_path), "--cifar10", str(CIFAR)])
@@ -216,3 +219,30 @@ def test_evaluate_cli_runs_svhn_on_official_files(prefect_api: None, tiny_run: P
     (tmp_path / "test_32x32.mat").unlink()
     missing = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--svhn", str(tmp_path)])
     assert missing.exit_code == 2 and "test_32x32.mat" in missing.output
+
+
+def test_swd_separates_real_from_noise_and_is_small_between_real_halves() -> None:
+    from dcgan.evaluation.quality import laplacian_pyramid, sliced_wasserstein_distance
+
+    images, _ = load_labelled_images(CIFAR / "test.parquet", limit=400)
+    noise = np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    same = sliced_wasserstein_distance(images[:200], images[200:])
+    different = sliced_wasserstein_distance(images[:200], noise)
+    assert set(same) == {"32", "16", "mean"} and different["mean"] > 5 * same["mean"]
+    levels = laplacian_pyramid(torch.zeros(1, 3, 64, 64))
+    assert [lv.shape[-1] for lv in levels] == [64, 32, 16]
+    with pytest.raises(ValueError, match="same shape"):
+        sliced_wasserstein_distance(images[:10], images[:20])
+
+
+def test_latent_walks_interpolate_between_endpoints(tiny_run: Path) -> None:
+    from dcgan.evaluation.quality import generate, latent_walks
+
+    cfg, G, _, _ = load_run(tiny_run)
+    walks = latent_walks(G, cfg["nz"], rows=2, steps=5, seed=3)
+    assert walks.shape == (10, 32, 32, 3) and walks.dtype == np.uint8
+    g = torch.Generator().manual_seed(3)
+    ends = torch.rand(2, 2, cfg["nz"], generator=g) * 2 - 1
+    assert np.array_equal(walks[0], generate(G, ends[0, :1])[0]) and np.array_equal(
+        walks[4], generate(G, ends[0, 1:])[0]
+    )
