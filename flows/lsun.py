@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import FileFingerprint
-from flows.reports import publish, table
+from flows.reports import part_totals, publish, rejects_section, table
 from flows.runtime import api_shared_with_subprocesses
 from preprocessing.images import DEFAULT_MAX_PIXELS
 from preprocessing.lsun import (
@@ -59,12 +59,7 @@ def merge_lsun(out_dir: str, summaries: list[dict], wall: float) -> dict:
     merged = merge_part_manifests(Path(out_dir), len(summaries))
     total = merged.num_rows
     ok = sum(s["ok"] for s in summaries)
-    rejected: dict[str, int] = {}
-    for s in summaries:
-        for reason, n in s["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + n
-    done = [s for s in summaries if not s["skipped"]]
-    rate = sum(s["total"] for s in done) / wall if done and wall > 0 else 0.0
+    rejected, resumed, rate = part_totals(summaries, "total", wall)
     source = Path(out_dir).name
     md = f"# LSUN extraction: {source}\n\n" + table(
         [
@@ -72,13 +67,12 @@ def merge_lsun(out_dir: str, summaries: list[dict], wall: float) -> dict:
             ("ok", ok),
             ("rejected", total - ok),
             ("parts", len(summaries)),
-            ("parts resumed from disk", len(summaries) - len(done)),
+            ("parts resumed from disk", resumed),
             ("throughput (img/s)", f"{rate:.0f}"),
         ],
         ("", "value"),
     )
-    if rejected:
-        md += "\n## Rejected by reason\n\n" + table(sorted(rejected.items()), ("reason", "count"))
+    md += rejects_section(rejected)
     grid = grid_from_shards(sorted(Path(out_dir).glob("part-*.tar")))
     publish(Path(out_dir).parents[1], f"extract-{source}", md, grid)
     get_run_logger().info("%s: %d records, %d ok, rejected %s, %.0f img/s", source, total, ok, rejected, rate)

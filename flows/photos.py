@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import FileFingerprint
-from flows.reports import publish, table
+from flows.reports import part_totals, publish, rejects_section, table
 from flows.runtime import api_shared_with_subprocesses
 from preprocessing.faces import DetectorConfig
 from preprocessing.images import DEFAULT_MAX_PIXELS
@@ -60,12 +60,7 @@ def merge_photos(out_dir: str, summaries: list[dict], wall: float, title: str) -
     merged = merge_photo_manifests(Path(out_dir))
     photos = sum(s["photos"] for s in summaries)
     ok = sum(s["ok"] for s in summaries)
-    rejected: dict[str, int] = {}
-    for s in summaries:
-        for reason, n in s["rejected"].items():
-            rejected[reason] = rejected.get(reason, 0) + n
-    done = [s for s in summaries if not s["skipped"]]
-    rate = sum(s["photos"] for s in done) / wall if done and wall > 0 else 0.0
+    rejected, resumed, rate = part_totals(summaries, "photos", wall)
     source = Path(out_dir).name
     md = f"# {title}: {source}\n\n" + table(
         [
@@ -73,13 +68,12 @@ def merge_photos(out_dir: str, summaries: list[dict], wall: float, title: str) -
             ("crops kept", ok),
             ("manifest rows", merged.num_rows),
             ("parts", len(summaries)),
-            ("parts resumed from disk", len(summaries) - len(done)),
+            ("parts resumed from disk", resumed),
             ("throughput (photos/s)", f"{rate:.1f}"),
         ],
         ("", "value"),
     )
-    if rejected:
-        md += "\n## Rejected by reason\n\n" + table(sorted(rejected.items()), ("reason", "count"))
+    md += rejects_section(rejected)
     publish(
         Path(out_dir).parents[1], f"extract-{source}", md, grid_from_shards(sorted(Path(out_dir).glob("part-*.tar")))
     )

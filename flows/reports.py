@@ -45,3 +45,18 @@ def table(rows: list[tuple], header: tuple) -> str:
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def part_totals(summaries: list[dict], count: str, wall: float) -> tuple[dict[str, int], int, float]:
+    """(rejects by reason, parts resumed from disk, items/s of the parts done now) of a mapped stage."""
+    rejected: dict[str, int] = {}
+    for s in summaries:
+        for reason, n in s["rejected"].items():
+            rejected[reason] = rejected.get(reason, 0) + n
+    done = [s for s in summaries if not s["skipped"]]
+    rate = sum(s[count] for s in done) / wall if done and wall > 0 else 0.0
+    return rejected, len(summaries) - len(done), rate
+
+
+def rejects_section(rejected: dict[str, int]) -> str:
+    return "\n## Rejected by reason\n\n" + table(sorted(rejected.items()), ("reason", "count")) if rejected else ""

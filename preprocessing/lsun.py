@@ -9,7 +9,6 @@ is written as one complete part or not at all, so a killed run resumes where it 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from preprocessing.images import (
     decode_rgb,
     encode_ppm,
 )
-from preprocessing.manifest import ManifestRow, merge_part_manifests, read_manifest, write_manifest
+from preprocessing.manifest import ManifestRow, existing_plan, merge_part_manifests, read_manifest, write_manifest
 from preprocessing.parallel import process_pool
 from preprocessing.tar_shards import TarShardWriter, atomic_write_json
 
@@ -251,19 +250,12 @@ def prepare_extraction(
         "max_pixels": max_pixels,
         "min_side": min_side,
     }
-    plan_path = out_dir / "plan.json"
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        if plan["settings"] != settings:
-            changed = sorted(k for k in settings if plan["settings"].get(k) != settings[k])
-            raise LsunError(
-                f"{out_dir} holds an extraction with other {', '.join(changed)}; "
-                "refresh the extract stage to redo it (CLI: --refresh extract)"
-            )
+    plan = existing_plan(out_dir, settings, LsunError)
+    if plan is not None:
         return out_dir, [Partition(**p) for p in plan["partitions"]]
     parts = plan_partitions(db_path, source, part_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan_path, {"settings": settings, "partitions": [asdict(p) for p in parts]})
+    atomic_write_json(out_dir / "plan.json", {"settings": settings, "partitions": [asdict(p) for p in parts]})
     return out_dir, parts
 
 

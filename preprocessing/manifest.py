@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -86,3 +87,22 @@ def merge_part_manifests(out_dir: Path, n_parts: int) -> pa.Table:
         raise RuntimeError(f"{out_dir}: duplicate keys across parts")
     write_table(table, out_dir / "manifest.parquet")
     return table
+
+
+def existing_plan(out_dir: Path, settings: dict[str, Any], error: type[ValueError]) -> dict | None:
+    """The stage's plan.json if it was made with these settings, None if there is none.
+
+    A plan made with other inputs or settings is never mixed with new parts: the caller gets a
+    clear error and must refresh the stage on purpose.
+    """
+    plan_path = out_dir / "plan.json"
+    if not plan_path.exists():
+        return None
+    plan = json.loads(plan_path.read_text())
+    if plan["settings"] != settings:
+        changed = sorted(k for k in settings if plan["settings"].get(k) != settings[k])
+        raise error(
+            f"{out_dir} holds an extraction with other {', '.join(changed)}; "
+            "refresh this stage to redo it (CLI: --refresh)"
+        )
+    return plan

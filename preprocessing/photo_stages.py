@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from preprocessing.faces import DetectorConfig, FaceDetector, file_sha256, square_crop
 from preprocessing.images import SAMPLE_EXT, ImageRejected, center_crop_resize, decode_rgb, encode_ppm
-from preprocessing.manifest import write_table
+from preprocessing.manifest import SCHEMA, existing_plan, write_table
 from preprocessing.parallel import process_pool
 from preprocessing.photos import PhotoSource, list_photos, open_source, read_photos
 from preprocessing.tar_shards import TarShardWriter, atomic_write_json
@@ -37,17 +37,8 @@ log = logging.getLogger(__name__)
 _SAFE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 PHOTO_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("source", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-        ("format", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("nbytes", pa.int64()),
-        ("part", pa.int32()),
+    list(SCHEMA)
+    + [
         ("photo_key", pa.string()),
         ("photo_path", pa.string()),
         ("label", pa.string()),
@@ -79,21 +70,14 @@ def prepare_photo_stage(photos: str | Path, work: Path, name: str, settings: dic
     src = open_source(photos)
     out_dir = Path(work) / "extract" / name
     full = {**settings, "photos": src.path, "kind": src.kind, "part_size": part_size}
-    plan_path = out_dir / "plan.json"
-    if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        if plan["settings"] != full:
-            changed = sorted(k for k in full if plan["settings"].get(k) != full[k])
-            raise StageError(
-                f"{out_dir} holds an extraction with other {', '.join(changed)}; "
-                "refresh this stage to redo it (CLI: --refresh)"
-            )
+    plan = existing_plan(out_dir, full, StageError)
+    if plan is not None:
         return out_dir, int(plan["parts"])
     index = list_photos(src, labels_from_folders=settings.get("labels_from_folders", False))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(index, out_dir / "inputs.parquet")
     parts = (index.num_rows + part_size - 1) // part_size
-    atomic_write_json(plan_path, {"settings": full, "parts": parts, "photos": index.num_rows})
+    atomic_write_json(out_dir / "plan.json", {"settings": full, "parts": parts, "photos": index.num_rows})
     return out_dir, parts
 
 
