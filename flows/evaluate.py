@@ -10,6 +10,7 @@ from prefect import flow, task
 
 from dcgan.evaluation.cifar import cifar10_protocol, seeded
 from dcgan.evaluation.features import extract_features
+from dcgan.evaluation.memorisation import memorisation_check
 from dcgan.evaluation.quality import generate, latent_walks, real_images, sliced_wasserstein_distance
 from dcgan.evaluation.runs import load_run
 from dcgan.evaluation.svhn import load_svhn_mat, svhn_protocol
@@ -41,7 +42,7 @@ def cifar10_task(run: str, cifar10: str, limit_train: int | None, limit_test: in
 @task
 def samples_task(run: str, n: int) -> dict:
     """SWD between generated and training images, plus sample and latent-walk grids."""
-    cfg, G, _, _ = load_run(Path(run))
+    cfg, G, D, _ = load_run(Path(run))
     real = real_images(cfg["shards"], n)
     z = torch.Generator().manual_seed(7)
     noise = (
@@ -50,11 +51,23 @@ def samples_task(run: str, n: int) -> dict:
         else (torch.randn(len(real), cfg["nz"], generator=z))
     )
     fake = generate(G, noise)
+    held = max(1, len(real) // 8)
+    memo, neighbours = memorisation_check(fake[:256], real[held:], real[:held], D)
     figures = eval_dir_for(Path(run)) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    for name, images, cols in (("samples", fake[:64], 8), ("latent_walks", latent_walks(G, cfg["nz"]), 10)):
+    grids = (
+        ("samples", fake[:64], 8),
+        ("latent_walks", latent_walks(G, cfg["nz"]), 10),
+        ("memorisation", neighbours, 4),
+    )
+    for name, images, cols in grids:
         cv2.imwrite(str(figures / f"{name}.png"), cv2.cvtColor(tile(list(images), columns=cols), cv2.COLOR_RGB2BGR))
-    return {"swd": sliced_wasserstein_distance(real, fake), "images": len(real)}
+    return {
+        "swd": sliced_wasserstein_distance(real, fake),
+        "images": len(real),
+        "memorisation": memo,
+        "reference_images": len(real) - held,
+    }
 
 
 @task
@@ -82,6 +95,17 @@ def write_report(run: str, metrics: dict) -> str:
     md += table([(k, f"{v:.1f}") for k, v in q["swd"].items()], ("level", "SWD"))
     md += "\n![samples](figures/samples.png)\n\nLatent walks (paper 6.1): each row interpolates linearly in Z.\n"
     md += "\n![latent walks](figures/latent_walks.png)\n\n"
+    rows = [
+        (space, f"{m['samples']['median']:.3f}", f"{m['held_out']['median']:.3f}", f"{m['ratio_of_medians']:.2f}")
+        for space, m in q["memorisation"].items()
+    ]
+    md += (
+        "## Memorisation\n\nDistance from generated samples, and from real images held out of the reference "
+        f"set, to their nearest of {q['reference_images']} training images (a ratio well below 1 suggests copies). "
+        "Each row of the figure: a sample, then its 3 nearest training images in pixel space.\n\n"
+    )
+    md += table(rows, ("space", "samples: median NN distance", "held-out real: median", "ratio"))
+    md += "\n![memorisation](figures/memorisation.png)\n\n"
     if "cifar10" in metrics:
         rows = [
             (name, f"{r['test_accuracy'] * 100:.2f}%", r["feature_dim"], f"{r['C']:g}", r["n_train"], r["n_test"])

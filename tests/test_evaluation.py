@@ -149,6 +149,7 @@ def test_evaluate_cli_writes_metrics_and_report(prefect_api: None, tiny_run: Pat
     report = (out / "report.md").read_text()
     assert "CIFAR-10" in report and "Sliced Wasserstein" in report
     assert (out / "figures" / "latent_walks.png").stat().st_size > 1000 and (out / "figures" / "samples.png").exists()
+    assert set(metrics["samples"]["memorisation"]) == {"pixels", "d_features"} and "Memorisation" in report
     bad = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--cifar10", str(tmp_path)])
     assert bad.exit_code == 2 and "train.parquet" in bad.output
     empty = runner.invoke(app, ["evaluate", "--run", str(tmp_path), "--cifar10", str(CIFAR)])
@@ -246,3 +247,20 @@ def test_latent_walks_interpolate_between_endpoints(tiny_run: Path) -> None:
     assert np.array_equal(walks[0], generate(G, ends[0, :1])[0]) and np.array_equal(
         walks[4], generate(G, ends[0, 1:])[0]
     )
+
+
+def test_memorisation_flags_copied_training_images(tiny_run: Path) -> None:
+    from dcgan.evaluation.memorisation import memorisation_check, nearest
+
+    _, _, D, _ = load_run(tiny_run)
+    images, _ = load_labelled_images(CIFAR / "test.parquet", limit=300)
+    reference, held_out = images[:250], images[250:]
+    copies = reference[:20].copy()
+    noise = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    copied, grid = memorisation_check(copies, reference, held_out, D)
+    fresh, _ = memorisation_check(noise, reference, held_out, D)
+    assert copied["pixels"]["samples"]["median"] < 0.02  # exact copies: 0 up to float32 rounding (real pairs: ~10)
+    assert copied["pixels"]["ratio_of_medians"] < 0.01 < fresh["pixels"]["ratio_of_medians"]
+    assert grid.shape == (8 * 4, 32, 32, 3) and np.array_equal(grid[1], reference[0])  # sample, then its neighbours
+    d, i = nearest(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), k=2)
+    assert i[:, 0].tolist() == [0, 1, 2] and np.allclose(d[:, 0], 0, atol=1e-3)
