@@ -32,6 +32,7 @@ DEPLOYMENTS = {
     "shard/shard",
     "train/train",
     "train/retrain",
+    "evaluate/evaluate",
 }
 
 
@@ -117,6 +118,7 @@ def test_server_deploy_run_down(tmp_path: Path) -> None:
             "shard": "cpu",
             "train": "gpu",
             "retrain": "gpu",
+            "evaluate": "cpu",
         }
         for n in ("train", "retrain"):  # a deployment concurrency limit lives in a global limit
             assert by_name[n]["global_concurrency_limit"]["limit"] == 1
