@@ -7,12 +7,14 @@ written to a temporary name and renamed, so a crash never leaves a truncated che
 
 from __future__ import annotations
 
-import os
+import io
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from preprocessing.tar_shards import atomic_write_bytes
 
 FORMAT = "dcgan-pipeline-checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
@@ -38,9 +40,9 @@ def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) 
     """Write atomically, then prune to the newest `keep` checkpoints."""
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path

@@ -8,9 +8,9 @@ drops code units, and stops when the held-out loss stops improving.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from preprocessing.tar_shards import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,9 @@ def train_autoencoder(crops: np.ndarray, cfg: AEConfig) -> tuple[DenoisingAutoen
 def save_autoencoder(model: DenoisingAutoencoder, cfg: AEConfig, info: dict, path: Path) -> None:
     """Weights, config and training history together; written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, "state": model.state_dict(), "config": asdict(cfg), "info": info}, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "state": model.state_dict(), "config": asdict(cfg), "info": info}, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_autoencoder(path: Path) -> tuple[DenoisingAutoencoder, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import cv2
@@ -27,7 +28,7 @@ def eval_dir_for(run_dir: Path) -> Path:
 @task
 def cifar10_task(run: str, cifar10: str, limit_train: int | None, limit_test: int | None, device: str) -> dict:
     cfg, _, D, step = load_run(Path(run))
-    random_d = seeded(load_run(Path(run))[2], seed=12345)
+    random_d = seeded(copy.deepcopy(D), seed=12345)
     results = cifar10_protocol(
         D, random_d, Path(cifar10), cfg["resolution"], limit_train=limit_train, limit_test=limit_test, device=device
     )
@@ -42,7 +43,7 @@ def cifar10_task(run: str, cifar10: str, limit_train: int | None, limit_test: in
 @task
 def samples_task(run: str, n: int) -> dict:
     """SWD between generated and training images, plus sample and latent-walk grids."""
-    cfg, G, D, _ = load_run(Path(run))
+    cfg, G, D, step = load_run(Path(run))
     real = real_images(cfg["shards"], n)
     z = torch.Generator().manual_seed(7)
     noise = (
@@ -63,6 +64,7 @@ def samples_task(run: str, n: int) -> dict:
     for name, images, cols in grids:
         cv2.imwrite(str(figures / f"{name}.png"), cv2.cvtColor(tile(list(images), columns=cols), cv2.COLOR_RGB2BGR))
     return {
+        "step": step,
         "swd": sliced_wasserstein_distance(real, fake),
         "images": len(real),
         "memorisation": memo,
@@ -146,7 +148,8 @@ def evaluate_flow(
     device: str = "cpu",
 ) -> dict:
     """Evaluate the newest checkpoint of a training run directory (`<work>/train/<run>`)."""
-    metrics: dict = {"step": load_run(Path(run))[3], "samples": samples_task(run, swd_images)}
+    metrics: dict = {"samples": samples_task(run, swd_images)}
+    metrics["step"] = metrics["samples"].pop("step")
     if cifar10 is not None:
         metrics.update(cifar10_task(run, cifar10, limit_train, limit_test, device))
     if svhn is not None:

@@ -117,16 +117,28 @@ def latent_walks(
 
 
 def real_images(shards: str, n: int, seed: int = 0) -> np.ndarray:
-    """Up to `n` training images (uint8, N x H x W x 3) drawn with a seed from a run's shards."""
+    """Up to `n` training images (uint8, N x H x W x 3) drawn with a seed from a run's shards.
+
+    Positions are drawn from the index's per-shard counts first, so only the chosen samples are
+    decoded and only the shards holding them are read (not all 3M images of an LSUN run).
+    """
     from pathlib import Path
 
     from preprocessing.images import SAMPLE_EXT, decode_ppm
     from preprocessing.sharding import read_index
-    from preprocessing.tar_shards import iter_samples
+    from preprocessing.tar_shards import index_tar, read_member
 
     index = read_index(Path(shards))
-    images = [
-        decode_ppm(files[SAMPLE_EXT]) for s in index["shardlist"] for _, files in iter_samples(Path(shards) / s["url"])
-    ]
-    pick = np.sort(np.random.default_rng(seed).permutation(len(images))[:n])
-    return np.stack([images[i] for i in pick])
+    counts = [s["nsamples"] for s in index["shardlist"]]
+    pick = np.sort(np.random.default_rng(seed).permutation(sum(counts))[:n])
+    starts = np.cumsum([0, *counts])
+    images = []
+    for shard, lo, hi in zip(index["shardlist"], starts[:-1], starts[1:], strict=True):
+        wanted = set((pick[(pick >= lo) & (pick < hi)] - lo).tolist())
+        if not wanted:
+            continue
+        path = Path(shards) / shard["url"]
+        members = [m for m in index_tar(path) if m.ext == SAMPLE_EXT]
+        with open(path, "rb") as fh:
+            images += [decode_ppm(read_member(fh, members[i])) for i in sorted(wanted)]
+    return np.stack(images)
