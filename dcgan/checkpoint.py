@@ -3,6 +3,9 @@
 A checkpoint holds G, D, both optimizers, the step, the training config, the fixed sample
 noise and the torch RNG states, as plain tensors and Python containers only. Files are
 written to a temporary name and renamed, so a crash never leaves a truncated checkpoint.
+The trainer keeps the bytes of the last good checkpoint in memory: a NaN rolls back to
+exactly what is on disk. `best.pt` (with `best.json`) sits beside the numbered files and
+is never pruned.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from preprocessing.tar_shards import atomic_write_bytes
 
 FORMAT = "dcgan-pipeline-checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
+BEST = "best.pt"
 
 
 class CheckpointError(ValueError):
@@ -36,24 +40,36 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
 
 
-def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
-    """Write atomically, then prune to the newest `keep` checkpoints."""
-    path = checkpoint_path(run_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def encode_checkpoint(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_checkpoint(data: bytes, run_dir: Path, step: int, keep: int) -> Path:
+    """Write encoded checkpoint bytes atomically, then prune to the newest `keep` checkpoints."""
+    path = checkpoint_path(run_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:
+    return write_checkpoint(encode_checkpoint(state), run_dir, step, keep)
+
+
+def decode_checkpoint(data: bytes | Path, source: str) -> dict[str, Any]:
     """Load with weights_only=True (no code runs from the file) and check its format."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data) if isinstance(data, bytes) else data, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {source}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a dcgan-pipeline checkpoint")
+        raise CheckpointError(f"{source} is not a dcgan-pipeline checkpoint")
     return state
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return decode_checkpoint(Path(path), str(path))

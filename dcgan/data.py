@@ -1,13 +1,13 @@
 """Training batches from the final WebDataset shards.
 
 Two paths, chosen by a memory budget:
-- `CachedImages`: decode every shard once into one uint8 tensor (3M LSUN images at 64 px
-  are 37 GB; the demo is 37 MB) and draw batches from per-epoch permutations that are a
-  pure function of (seed, step). Resuming at step t therefore replays exactly the same
-  batches as an uninterrupted run.
+- `CachedImages`: decode every shard once into one uint8 tensor, in GPU memory when
+  training on CUDA (3M LSUN images at 64 px are 37 GB; the demo is 37 MB), and draw batches
+  from per-epoch permutations that are a pure function of (seed, step). Resuming at step t
+  therefore replays exactly the same batches as an uninterrupted run.
 - `stream_batches`: a stock WebDataset pipeline with DataLoader workers for sets above the
-  budget; shards are resampled with a seed derived from the resume step, so a resumed run
-  is reproducible but does not replay the exact sample order.
+  budget; shards are resampled at random, so a resumed run does not replay the exact
+  sample order (the weights, optimizers and noise still resume exactly).
 """
 
 from __future__ import annotations
@@ -54,12 +54,19 @@ def _decode_shard(url: str) -> np.ndarray:
 
 
 class CachedImages:
-    """All samples decoded once into an (N, 3, H, W) uint8 tensor, batches by (seed, step)."""
+    """All samples decoded once into an (N, H, W, 3) uint8 tensor on `device`; batches by (seed, step).
 
-    def __init__(self, urls: list[str], seed: int, threads: int = 4) -> None:
+    On CUDA the cache lives in GPU memory and batches are gathered there: no host copy per
+    step. Batches come out as (B, 3, H, W) views with channels_last strides, the layout the
+    fast training path uses. Under data parallelism, rank r of W takes slice r of the global
+    batch (positions (step*W + r)*B ...), so every rank sees distinct images of the same
+    epoch permutations: a distributed sampler that keeps resume exact.
+    """
+
+    def __init__(self, urls: list[str], seed: int, device: torch.device | str = "cpu", threads: int = 4) -> None:
         with ThreadPoolExecutor(threads) as pool:
             arrays = list(pool.map(_decode_shard, urls))
-        self.images = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).contiguous()
+        self.images = torch.from_numpy(np.concatenate(arrays)).to(device)
         self.seed = seed
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -70,29 +77,41 @@ class CachedImages:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(len(self), generator=g)
+            self._perms[epoch] = torch.randperm(len(self), generator=g).to(self.images.device)
         return self._perms[epoch]
 
-    def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        """The uint8 batch of `step`: positions step*B .. step*B+B-1 of the epoch permutations."""
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """The uint8 batch of `step`: positions (step*world + rank)*B ... of the epoch permutations."""
         n = len(self)
-        pos = torch.arange(step * batch_size, (step + 1) * batch_size)
-        epochs, offsets = pos // n, pos % n
-        idx = torch.empty_like(pos)
-        for e in epochs.unique().tolist():
-            sel = epochs == e
-            idx[sel] = self._perm(e)[offsets[sel]]
-        return self.images[idx]
+        pos = (step * world + rank) * batch_size
+        end = pos + batch_size
+        parts = []
+        while pos < end:
+            epoch, offset = divmod(pos, n)
+            take = min(end - pos, n - offset)
+            parts.append(self._perm(epoch)[offset : offset + take])
+            pos += take
+        idx = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.images[idx].permute(0, 3, 1, 2)
 
 
 def _to_chw(sample: dict) -> torch.Tensor:
-    return torch.from_numpy(decode_ppm(sample[SAMPLE_EXT])).permute(2, 0, 1)
+    return torch.from_numpy(decode_ppm(sample[SAMPLE_EXT]).copy()).permute(2, 0, 1)  # a writable copy
 
 
-def stream_batches(urls: list[str], batch_size: int, seed: int, workers: int) -> Iterator[torch.Tensor]:
-    """Endless uint8 batches from the shards through WebDataset + DataLoader workers."""
+def stream_batches(
+    urls: list[str], batch_size: int, seed: int, workers: int, rank: int = 0
+) -> Iterator[torch.Tensor]:
+    """Endless uint8 batches from the shards through WebDataset + DataLoader workers.
+
+    Shards are resampled per rank and DataLoader worker (WebDataset mixes rank, worker id
+    and time into the shard seed), so processes and workers read different shard sequences;
+    pinned host memory lets the trainer's copy to the GPU run without blocking.
+    """
     dataset = (
-        wds.WebDataset(urls, resampled=True, shardshuffle=False, seed=seed, nodesplitter=wds.split_by_node)
+        wds.WebDataset(
+            urls, resampled=True, shardshuffle=False, seed=seed + 7919 * rank, nodesplitter=wds.split_by_node
+        )
         .shuffle(2000, seed=seed)
         .map(_to_chw)
         .batched(batch_size, collation_fn=torch.stack, partial=False)
@@ -105,8 +124,3 @@ def stream_batches(urls: list[str], batch_size: int, seed: int, workers: int) ->
         persistent_workers=workers > 0,
     )
     return iter(loader)
-
-
-def to_unit_range(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1] on `device` (the Tanh range of G)."""
-    return batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)

@@ -1,9 +1,16 @@
-"""The DCGAN training loop with the paper's hyper-parameters and exact resume.
+"""The DCGAN training loop with the paper's hyper-parameters, fast paths and exact resume.
 
 Defaults follow Radford et al. (2015): Adam(lr 2e-4, beta1 0.5), batch 128, z of 100
 dimensions drawn uniformly from [-1, 1], N(0, 0.02) initialisation. Each step draws its
 batch and noise from generators seeded by (seed, step), so training is a pure function of
 the config and the data; a checkpoint plus the step replays the rest of the run exactly.
+
+On CUDA the default step is bf16 autocast + channels_last + fused Adam, captured whole as
+a CUDA graph, fed from a uint8 cache in GPU memory (`dcgan.step`, `dcgan.data`); each is
+a flag, and `loop="textbook"` runs pytorch/examples' eager fp32 loop for comparison.
+Under torchrun the same loop runs data-parallel (`dcgan.distributed`); rank 0 alone
+writes. A non-finite loss or weight rolls back to the last good checkpoint (kept in
+memory as the bytes written to disk) with a lower learning rate, or stops.
 """
 
 from __future__ import annotations
@@ -12,17 +19,33 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from torchvision.utils import save_image
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.utils import make_grid, save_image
 
-from dcgan.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
-from dcgan.data import CachedImages, DataError, shard_urls, stream_batches, to_unit_range
+from dcgan.checkpoint import (
+    BEST,
+    CheckpointError,
+    decode_checkpoint,
+    encode_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    write_checkpoint,
+)
+from dcgan.data import CachedImages, DataError, shard_urls, stream_batches
+from dcgan.distributed import World, all_mean, device_for, init_process_group, replicas_in_sync, world_from_env
+from dcgan.evaluation.quality import real_images, sliced_wasserstein_distance
 from dcgan.models import DISCRIMINATORS, RESOLUTIONS, Generator, build_discriminator, init_weights
+from dcgan.monitor import Monitor
+from dcgan.step import METRICS, StepOptions, StepRunner, make_adam
+from preprocessing.tar_shards import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +63,7 @@ class TrainConfig:
     run_dir: str
     steps: int = 1000
     resolution: int = 64
-    batch_size: int = 128
+    batch_size: int = 128  # per process: the global batch is batch_size x world size
     lr: float = 2e-4
     beta1: float = 0.5
     nz: int = 100
@@ -54,9 +77,20 @@ class TrainConfig:
     sample_every: int = 500
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    cache_bytes: int = 8 << 30
+    cache_bytes: int = 8 << 30  # decoded-cache budget (GPU memory with gpu_cache on CUDA); above it: stream
     workers: int = 2
     deterministic: bool = False
+    loop: str = "fast"  # or "textbook": pytorch/examples' eager fp32 loop, for comparison
+    precision: str = "bf16"  # autocast dtype on CUDA; "fp32" turns autocast off
+    channels_last: bool = True  # CUDA only
+    fused_adam: bool = True  # CUDA only
+    cuda_graphs: bool = True  # CUDA only, single process
+    gpu_cache: bool = True  # on CUDA, keep the decoded cache in GPU memory
+    best_images: int = 512  # SWD sample size at each checkpoint to keep best.pt; 0 = off
+    on_nan: str = "rollback"  # or "stop"
+    nan_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+    tensorboard: bool = True
 
     def validate(self) -> None:
         if self.resolution not in RESOLUTIONS:
@@ -70,18 +104,34 @@ class TrainConfig:
             raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
         if self.discriminator == "imagenet32" and self.resolution != 32:
             raise ValueError("the imagenet32 discriminator trains at resolution 32")
-        if self.noise not in ("uniform", "normal"):
-            raise ValueError(f"noise must be 'uniform' or 'normal', got {self.noise!r}")
+        choices = {"noise": ("uniform", "normal"), "loop": ("fast", "textbook"), "precision": ("bf16", "fp32")}
+        for name, allowed in {**choices, "on_nan": ("rollback", "stop")}.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if not 0 < self.nan_lr_factor < 1 or self.max_rollbacks < 0:
+            raise ValueError("need 0 < nan_lr_factor < 1 and max_rollbacks >= 0")
+        if self.best_images < 0 or self.best_images == 1:
+            raise ValueError(f"best_images must be 0 (off) or >= 2, got {self.best_images}")
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no CUDA device is available (use --device cpu)")
-    return torch.device(name)
+    """The device a single-process run would use; a clear error where CUDA is missing."""
+    return device_for(World(), name)
+
+
+def step_options(cfg: TrainConfig, device: torch.device, world: World) -> StepOptions:
+    """Which fast paths apply: all of them on CUDA unless switched off; none on CPU."""
+    if cfg.loop == "textbook":
+        return StepOptions(textbook=True)
+    cuda = device.type == "cuda"
+    return StepOptions(
+        autocast=torch.bfloat16 if cuda and cfg.precision == "bf16" else None,
+        channels_last=cuda and cfg.channels_last,
+        fused_adam=cuda and cfg.fused_adam,
+        cuda_graph=cuda and cfg.cuda_graphs and not world.distributed,
+    )
 
 
 def sample_noise(cfg: TrainConfig, n: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -94,23 +144,47 @@ def sample_noise(cfg: TrainConfig, n: int, seed: int, device: torch.device) -> t
 
 
 class Trainer:
-    """Owns the models, optimizers and run directory of one training run."""
+    """Owns the models, optimizers and step of one training process."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, world: World | None = None, options: StepOptions | None = None) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.world = world or World()
+        self.device = device_for(self.world, cfg.device)
+        self.options = options or step_options(cfg, self.device, self.world)
         self.run_dir = Path(cfg.run_dir)
         torch.manual_seed(cfg.seed)
         self.G = Generator(cfg.resolution, cfg.nz, cfg.ngf).to(self.device)
         self.D = build_discriminator(cfg.discriminator, cfg.resolution, cfg.ndf).to(self.device)
         self.G.apply(init_weights)
         self.D.apply(init_weights)
-        betas = (cfg.beta1, 0.999)
-        self.optG = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
-        self.optD = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas)
+        if self.options.channels_last:
+            self.G.to(memory_format=torch.channels_last)
+            self.D.to(memory_format=torch.channels_last)
+        self.optG = make_adam(self.G.parameters(), cfg.lr, cfg.beta1, self.options)
+        self.optD = make_adam(self.D.parameters(), cfg.lr, cfg.beta1, self.options)
+        self.G_train, self.D_train = self.G, self.D
+        if self.world.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.G_train = DistributedDataParallel(self.G, device_ids=ids)
+            self.D_train = DistributedDataParallel(self.D, device_ids=ids)
+        self.acc = torch.zeros(len(METRICS), device=self.device)
         self.fixed_noise = sample_noise(cfg, 64, cfg.seed + 1, self.device)
+        self._noise = torch.Generator(device=self.device)
         self.step = 0
+        self.runner = self.new_runner()
+
+    def new_runner(self) -> StepRunner:
+        """A fresh step (a new CUDA graph is captured on first use: needed after an lr change)."""
+        return StepRunner(self.G_train, self.D_train, self.D, self.optG, self.optD, self.options, self.acc)
+
+    def noise(self, step: int) -> torch.Tensor:
+        """z of `step` for this rank, drawn on the training device (no host copy per step)."""
+        n, w = self.cfg.batch_size, self.world
+        self._noise.manual_seed(_step_seed(self.cfg.seed, step * w.size + w.rank))
+        if self.cfg.noise == "uniform":
+            return torch.rand(n, self.cfg.nz, generator=self._noise, device=self.device).mul_(2).sub_(1)
+        return torch.randn(n, self.cfg.nz, generator=self._noise, device=self.device)
 
     # -- state -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -129,91 +203,183 @@ class Trainer:
         }
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path)
+        self.load_state(load_checkpoint(path), str(path))
+
+    def load_state(self, state: dict[str, Any], source: str) -> None:
         saved = state.get("config", {})
-        saved = {k: saved.get(k, getattr(TrainConfig, k, None)) for k in ARCH_FIELDS}  # older files lack new fields
-        clash = {k: (saved[k], getattr(self.cfg, k)) for k in ARCH_FIELDS if saved[k] != getattr(self.cfg, k)}
+        arch = {k: saved.get(k, getattr(TrainConfig, k, None)) for k in ARCH_FIELDS}  # older files lack new fields
+        clash = {k: (arch[k], getattr(self.cfg, k)) for k in ARCH_FIELDS if arch[k] != getattr(self.cfg, k)}
         if clash:
             detail = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in clash.items())
-            raise CheckpointError(f"{path} belongs to an incompatible model ({detail})")
+            raise CheckpointError(f"{source} belongs to an incompatible model ({detail})")
         try:
             self.G.load_state_dict(state["G"])
             self.D.load_state_dict(state["D"])
             self.optG.load_state_dict(state["optG"])
             self.optD.load_state_dict(state["optD"])
         except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"{path} does not fit the model: {exc}") from exc
+            raise CheckpointError(f"{source} does not fit the model: {exc}") from exc
+        explicit_lr = saved.get("lr", self.cfg.lr) != self.cfg.lr  # a new --lr wins over the saved (maybe lowered) one
+        for opt in (self.optG, self.optD):
+            _adopt_optimizer_flags(opt, self.cfg.lr if explicit_lr else None)
         self.fixed_noise = state["fixed_noise"].to(self.device)
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = int(state["step"])
+        self.runner = self.new_runner()
 
-    # -- one step ----------------------------------------------------------------------
-    def train_step(self, real: torch.Tensor, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One D update on a real and a fake batch, then one G update (pytorch/examples order)."""
-        ones = torch.ones(real.shape[0], device=self.device)
-        zeros = torch.zeros_like(ones)
-        self.optD.zero_grad(set_to_none=True)
-        out_real = self.D(real)
-        fake = self.G(z)
-        out_fake = self.D(fake.detach())
-        loss_d = F.binary_cross_entropy_with_logits(out_real, ones) + F.binary_cross_entropy_with_logits(
-            out_fake, zeros
-        )
-        loss_d.backward()
-        self.optD.step()
-        self.optG.zero_grad(set_to_none=True)
-        out_g = self.D(fake)
-        loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
-        loss_g.backward()
-        self.optG.step()
-        return {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
-            "d_x": torch.sigmoid(out_real.detach()).mean(),
-            "d_g_z1": torch.sigmoid(out_fake.detach()).mean(),
-            "d_g_z2": torch.sigmoid(out_g.detach()).mean(),
-        }
+    def scale_lr(self, factor: float) -> float:
+        for opt in (self.optG, self.optD):
+            for group in opt.param_groups:
+                group["lr"] *= factor
+        self.runner = self.new_runner()
+        return self.lr
+
+    @property
+    def lr(self) -> float:
+        return float(self.optG.param_groups[0]["lr"])
+
+    def weights_finite(self) -> bool:
+        sums = [p.detach().float().sum() for m in (self.G, self.D) for p in m.parameters()]
+        return bool(torch.isfinite(torch.stack(sums)).all())
 
     @torch.no_grad()
-    def save_samples(self) -> Path:
+    def sample_grid(self) -> torch.Tensor:
         """An 8x8 grid from the fixed noise; G's batchnorm buffers are restored afterwards."""
         buffers = {k: v.clone() for k, v in self.G.named_buffers()}
         images = self.G(self.fixed_noise)
         for k, v in self.G.named_buffers():
             v.copy_(buffers[k])
-        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images.float().cpu(), path, nrow=8, normalize=True, value_range=(-1, 1))
-        return path
+        return make_grid(images.float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
+
+    @torch.no_grad()
+    def generate_uint8(self, z: torch.Tensor) -> np.ndarray:
+        """(N, H, W, 3) uint8 samples from G in eval mode (as the evaluation flow draws them)."""
+        self.G.eval()
+        try:
+            x = torch.cat([self.G(z[i : i + 256].to(self.device)).float() for i in range(0, len(z), 256)])
+        finally:
+            self.G.train()
+        return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+def _adopt_optimizer_flags(opt: torch.optim.Optimizer, lr: float | None) -> None:
+    """Keep this optimizer's own fused/capturable/foreach flags after loading a state dict.
+
+    `load_state_dict` takes them from the file, so a checkpoint from a CUDA run would make
+    a CPU resume use a fused, capturable Adam; Adam's step counter must then also live
+    where the flags expect it.
+    """
+    on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
+    for group in opt.param_groups:
+        for key in ("foreach", "fused", "capturable"):
+            group[key] = opt.defaults.get(key)
+        if lr is not None:
+            group["lr"] = lr
+        for p in group["params"]:
+            st = opt.state.get(p, {})
+            if "step" in st:
+                st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
 
 
-def _open_data(cfg: TrainConfig, device: torch.device, start_step: int):  # noqa: ANN202
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + 1) % (1 << 63)
+
+
+def _trim_jsonl(path: Path, step: int) -> None:
+    """Drop lines written after `step` (a resume or rollback is about to write them again)."""
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def _open_data(trainer: Trainer) -> tuple[Callable[[int], torch.Tensor], int]:
+    cfg, world, device = trainer.cfg, trainer.world, trainer.device
     urls, total = shard_urls(Path(cfg.shards), cfg.resolution)
-    if cfg.batch_size > total:
-        raise DataError(f"batch size {cfg.batch_size} is larger than the dataset ({total} images)")
+    if cfg.batch_size * world.size > total:
+        raise DataError(
+            f"batch size {cfg.batch_size} x {world.size} processes is larger than the dataset ({total} images)"
+            if world.distributed
+            else f"batch size {cfg.batch_size} is larger than the dataset ({total} images)"
+        )
     need = total * 3 * cfg.resolution**2
     if need <= cfg.cache_bytes:
-        cache = CachedImages(urls, cfg.seed)
-        log.info("decoded %d images into a %.1f MB in-memory cache", len(cache), need / 1e6)
-        return lambda step: to_unit_range(cache.batch(step, cfg.batch_size), device), total
+        where = torch.device("cpu")
+        if device.type == "cuda" and cfg.gpu_cache:
+            free, _ = torch.cuda.mem_get_info(device)
+            where = device if need < free // 2 else where
+            if where.type == "cpu":
+                log.warning("a %.1f GB cache exceeds half the free GPU memory: keeping it in host RAM", need / 1e9)
+        cache = CachedImages(urls, cfg.seed, where)
+        log.info("decoded %d images into a %.1f MB cache on %s", len(cache), need / 1e6, where)
+        rank, size = world.rank, world.size
+        return lambda step: cache.batch(step, cfg.batch_size, rank, size).to(device, non_blocking=True), total
     log.info("dataset needs %.1f GB > cache budget; streaming from %d shards", need / 1e9, len(urls))
-    stream = stream_batches(urls, cfg.batch_size, cfg.seed + start_step, cfg.workers)
-    return lambda step: to_unit_range(next(stream), device), total
+    stream = stream_batches(urls, cfg.batch_size, cfg.seed + trainer.step, cfg.workers, world.rank)
+    return lambda step: next(stream).to(device, non_blocking=True), total
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Train until `cfg.steps`; with `resume`, continue from the run's newest checkpoint."""
-    trainer = Trainer(cfg)
+class BestKeeper:
+    """Keeps `best.pt`: the checkpoint with the lowest SWD to the training images so far.
+
+    DCGAN samples are known to get worse late in training; SWD on Laplacian patches is cheap
+    (no pretrained network) and is measured at each checkpoint on `best_images` samples.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.n = trainer.cfg.best_images
+        self.folder = trainer.run_dir / "checkpoints"
+        record = self.folder / "best.json"
+        self.best = json.loads(record.read_text()) if record.exists() else None
+        self._real: np.ndarray | None = None
+        g = torch.Generator().manual_seed(trainer.cfg.seed + 2)
+        self._z = torch.rand(self.n, trainer.cfg.nz, generator=g) * 2 - 1
+        if trainer.cfg.noise == "normal":
+            self._z = torch.randn(self.n, trainer.cfg.nz, generator=g)
+
+    def update(self, step: int, data: bytes) -> dict[str, float] | None:
+        if self.n == 0:
+            return None
+        if self._real is None:
+            self._real = real_images(self.trainer.cfg.shards, self.n, seed=1)
+        fake = self.trainer.generate_uint8(self._z[: len(self._real)])
+        swd = sliced_wasserstein_distance(self._real, fake)["mean"]
+        row = {"step": step, "swd": swd, "images": len(self._real)}
+        _append_jsonl(self.trainer.run_dir / "quality.jsonl", row)
+        if self.best is None or swd < self.best["swd"]:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.folder / BEST, data)
+            atomic_write_json(self.folder / "best.json", row)
+            self.best = row
+        return row
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
+    """Train until `cfg.steps`; with `resume`, continue from the run's newest checkpoint.
+
+    Under torchrun (WORLD_SIZE > 1) this is one data-parallel process; it joins and leaves
+    the process group itself.
+    """
+    world = world_from_env()
+    joined = world.distributed and not dist.is_initialized()
+    if joined:
+        init_process_group(world, device_for(world, cfg.device))
+    try:
+        return _train(cfg, world, resume, progress)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool | None) -> dict[str, Any]:
+    trainer = Trainer(cfg, world)
     run_dir = trainer.run_dir
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
@@ -221,61 +387,112 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if not ckpts:
             raise CheckpointError(f"--resume given but {run_dir} has no checkpoints")
         trainer.load(ckpts[-1])
-        _trim_metrics(metrics_path, trainer.step)
+        if world.main:
+            _trim_jsonl(metrics_path, trainer.step)
+            _trim_jsonl(run_dir / "quality.jsonl", trainer.step)
         log.info("resumed %s at step %d", run_dir, trainer.step)
     elif list_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints: pass resume, or choose another run name")
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    batch_at, total = _open_data(cfg, trainer.device, trainer.step)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
-
+    elif trainer.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batch_at, total = _open_data(trainer)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+    log.info(
+        "training on %s x%d: %s; batch %d per process (global %d), lr %g",
+        trainer.device,
+        world.size,
+        trainer.options.describe(),
+        cfg.batch_size,
+        cfg.batch_size * world.size,
+        trainer.lr,
+    )
+    good = encode_checkpoint(trainer.state())  # where a NaN rolls back to: the resumed or initial state
+    best = BestKeeper(trainer) if world.main else None
+    monitor = Monitor(run_dir, tensorboard=cfg.tensorboard, progress=progress, start=trainer.step, total=cfg.steps)
+    if not world.main:
+        monitor.close()
+        monitor = None
+    rollbacks = 0
     t_start = time.perf_counter()
     t_log, step_log = t_start, trainer.step
-    sums: dict[str, torch.Tensor] = {}
     last: dict[str, float] = {}
-    with metrics_path.open("a") as metrics:
+    try:
         while trainer.step < cfg.steps:
-            real = batch_at(trainer.step)
-            z = sample_noise(cfg, cfg.batch_size, _step_seed(cfg.seed, trainer.step), trainer.device)
-            out = trainer.train_step(real, z)
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0) + v
+            trainer.runner(batch_at(trainer.step), trainer.noise(trainer.step))
             trainer.step += 1
             step = trainer.step
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = step - step_log
-                last = {k: float(v) / n for k, v in sums.items()}
-                sums = {}
-                if not all(math.isfinite(v) for v in last.values()):
+            if monitor:
+                monitor.advance()
+            at_log = step % cfg.log_every == 0 or step == cfg.steps
+            at_ckpt = step % cfg.checkpoint_every == 0 or step == cfg.steps
+            if not (at_log or at_ckpt or step % cfg.sample_every == 0):
+                continue
+            stats = (all_mean(trainer.acc, world) / (step - step_log)).tolist()
+            if not (all(math.isfinite(v) for v in stats) and trainer.weights_finite()):
+                rollbacks += 1
+                bad = dict(zip(METRICS, stats, strict=True))
+                if cfg.on_nan == "stop" or rollbacks > cfg.max_rollbacks:
                     raise TrainingDiverged(
-                        f"non-finite loss at step {step} ({last}); the last checkpoint is intact, "
-                        "resume from it with a lower learning rate"
+                        f"non-finite loss or weights at step {step} ({bad}) after {rollbacks - 1} rollbacks; "
+                        "the last checkpoint is intact: resume from it with a lower --lr"
                     )
-                now = time.perf_counter()
-                rate = n * cfg.batch_size / (now - t_log)
-                row = {"step": step, **last, "img_per_s": rate, "time": time.time()}
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                eta = (cfg.steps - step) * cfg.batch_size / rate
-                log.info(
-                    "step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s  eta %.0fs",
+                trainer.load_state(decode_checkpoint(good, "the last good checkpoint"), "the last good checkpoint")
+                lr = trainer.scale_lr(cfg.nan_lr_factor)
+                log.warning(
+                    "non-finite values at step %d (%s): rolled back to step %d, lr now %g (rollback %d of %d)",
                     step,
-                    cfg.steps,
-                    last["loss_d"],
-                    last["loss_g"],
-                    last["d_x"],
-                    last["d_g_z1"],
-                    rate,
-                    eta,
+                    bad,
+                    trainer.step,
+                    lr,
+                    rollbacks,
+                    cfg.max_rollbacks,
                 )
+                trainer.acc.zero_()
+                t_log, step_log = time.perf_counter(), trainer.step
+                if world.main:
+                    _trim_jsonl(metrics_path, trainer.step)
+                    _trim_jsonl(run_dir / "quality.jsonl", trainer.step)
+                    monitor.rewind(trainer.step)
+                continue
+            if at_log:
+                now = time.perf_counter()
+                rate = (step - step_log) * cfg.batch_size * world.size / (now - t_log)
+                last = {**dict(zip(METRICS, stats, strict=True)), "img_per_s": rate, "lr": trainer.lr}
+                trainer.acc.zero_()
                 t_log, step_log = now, step
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                trainer.save_samples()
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(trainer.state(), run_dir, step, cfg.keep_checkpoints)
+                if world.main:
+                    _append_jsonl(metrics_path, {"step": step, **last, "time": time.time()})
+                    monitor.scalars(step, last)
+                    eta = (cfg.steps - step) * cfg.batch_size * world.size / rate
+                    log.info(
+                        "step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s  eta %.0fs",
+                        *(step, cfg.steps, last["loss_d"], last["loss_g"], last["d_x"], last["d_g_z1"], rate, eta),
+                    )
+            if world.main and (step % cfg.sample_every == 0 or step == cfg.steps):
+                grid = trainer.sample_grid()
+                path = run_dir / "samples" / f"step-{step:08d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_image(grid, path)
+                monitor.samples(step, grid)
+            if at_ckpt:
+                good = encode_checkpoint(trainer.state())
+                if world.main:
+                    write_checkpoint(good, run_dir, step, cfg.keep_checkpoints)
+                    quality = best.update(step, good)
+                    if quality:
+                        monitor.quality(step, quality["swd"])
+        in_sync = replicas_in_sync([trainer.G, trainer.D], world)
+        if not in_sync:
+            raise RuntimeError("data-parallel replicas hold different weights at the end of training")
+    finally:
+        if monitor:
+            monitor.close()
     samples = sorted((run_dir / "samples").glob("step-*.png"))
+    ckpts = list_checkpoints(run_dir)
     return {
         "run_dir": str(run_dir),
         "steps": trainer.step,
@@ -283,12 +500,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         "seconds": time.perf_counter() - t_start,
         "final": last,
         "samples": str(samples[-1]) if samples else None,
-        "checkpoint": str(list_checkpoints(run_dir)[-1]) if list_checkpoints(run_dir) else None,
+        "checkpoint": str(ckpts[-1]) if ckpts else None,
+        "best": best.best if best else None,
+        "rollbacks": rollbacks,
+        "step_path": trainer.options.describe(),
+        "device": str(trainer.device),
+        "world_size": world.size,
     }
-
-
-def _step_seed(seed: int, step: int) -> int:
-    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + 1) % (1 << 63)
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

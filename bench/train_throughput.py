@@ -1,0 +1,150 @@
+"""Training throughput: pytorch/examples' textbook loop against ours, in one process.
+
+For each batch size: the textbook step (eager fp32, Sigmoid + BCELoss, stock Adam) and ours
+(by default on CUDA: bf16 autocast, channels_last, fused Adam, one CUDA graph per step) on
+synthetic uint8 batches already on the device; ours again fed from real shards through the
+GPU cache, and (with --stream-workers) through the WebDataset loader. Prints img/s,
+achieved TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode) against a bf16
+matmul peak measured in the same process, and each ratio against the textbook loop.
+
+    python bench/train_throughput.py --shards work/shards            # on a GPU box
+    python bench/train_throughput.py --device cpu --resolution 32 --batches 16 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dcgan.data import CachedImages, shard_urls, stream_batches  # noqa: E402
+from dcgan.distributed import World  # noqa: E402
+from dcgan.step import StepOptions  # noqa: E402
+from dcgan.train import TrainConfig, Trainer, step_options  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """Best of a few large matmuls, FLOP/s: bf16 on CUDA, fp32 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync(device)
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * n**3 / best, f"{str(dtype).removeprefix('torch.')} {n}x{n} matmul"
+
+
+def config(args: argparse.Namespace, batch: int, shards: str) -> TrainConfig:
+    return TrainConfig(
+        shards=shards,
+        run_dir=tempfile.mkdtemp(prefix="bench-train-"),
+        resolution=args.resolution,
+        batch_size=batch,
+        ngf=args.width,
+        ndf=args.width,
+        device=args.device,
+        best_images=0,
+        tensorboard=False,
+    )
+
+
+def flops_per_image(args: argparse.Namespace, batch: int) -> float:
+    """FLOPs of one eager D+G update, per image (forward and backward of both nets)."""
+    trainer = Trainer(config(args, batch, ""), options=StepOptions())
+    real = torch.randint(0, 256, (batch, 3, args.resolution, args.resolution), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter:
+        trainer.runner(real.to(trainer.device), trainer.noise(0))
+    return counter.get_total_flops() / batch
+
+
+def rate(trainer: Trainer, feed: Callable[[int], torch.Tensor], steps: int, warmup: int) -> float:
+    for step in range(warmup):
+        trainer.runner(feed(step), trainer.noise(step))
+    sync(trainer.device)
+    t = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        trainer.runner(feed(step), trainer.noise(step))
+    trainer.acc.tolist()  # waits for the last step
+    return steps * trainer.cfg.batch_size / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--width", type=int, default=64, help="ngf = ndf")
+    parser.add_argument("--batches", default="128,1024")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--shards", default=None, help="final shards at --resolution, for the real-data rows")
+    parser.add_argument("--stream-workers", type=int, default=0, help="also feed ours through WebDataset workers")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    peak, peak_what = matmul_peak(device)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"# {card}, torch {torch.__version__}; peak {peak / 1e12:.1f} TFLOP/s ({peak_what})")
+    ours_opts = step_options(config(args, 2, ""), device, World())
+    print(f"# ours: {ours_opts.describe()}")
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        per_image = flops_per_image(args, batch)
+        synthetic = torch.randint(0, 256, (batch, args.resolution, args.resolution, 3), dtype=torch.uint8)
+        synthetic = synthetic.to(device).permute(0, 3, 1, 2)
+        feeds: list[tuple[str, StepOptions, Callable[[int], torch.Tensor]]] = [
+            ("textbook", StepOptions(textbook=True), lambda step, s=synthetic: s),
+            ("ours", ours_opts, lambda step, s=synthetic: s),
+        ]
+        if args.shards:
+            urls, _ = shard_urls(Path(args.shards), args.resolution)
+            cache = CachedImages(urls, seed=0, device=device)
+            feeds.append(("ours", ours_opts, lambda step, c=cache, b=batch: c.batch(step, b)))
+            if args.stream_workers:
+                stream = stream_batches(urls, batch, seed=0, workers=args.stream_workers)
+                feeds.append(("ours", ours_opts, lambda step, s=stream: next(s).to(device, non_blocking=True)))
+        data_names = ["synthetic", "synthetic", "shards (cache)", f"shards (stream, {args.stream_workers} workers)"]
+        base = None
+        for (path, opts, feed), data in zip(feeds, data_names, strict=False):
+            trainer = Trainer(config(args, batch, args.shards or ""), options=opts)
+            r = rate(trainer, feed, args.steps, args.warmup)
+            base = base or r
+            tflops = r * per_image / 1e12
+            row = dict(path=path, data=data, batch=batch, img_per_s=r, tflops=tflops, ratio=r / base)
+            row["peak_fraction"] = tflops * 1e12 / peak
+            rows.append(row)
+            print(
+                f"{path:9s} {data:34s} batch {batch:5d}  {r:10.0f} img/s  {tflops:7.2f} TFLOP/s "
+                f"({100 * row['peak_fraction']:5.1f}% of peak)  ratio {row['ratio']:.2f}x"
+            )
+            del trainer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(f"# one step: {per_image / 1e9:.3f} GFLOP per image")
+    if args.json:
+        report = {"card": card, "torch": torch.__version__, "peak": peak, "rows": rows}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
