@@ -472,6 +472,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool | None) 
                         "step %d/%d  loss_d %.3f  loss_g %.3f  D(x) %.2f  D(G(z)) %.2f  %.0f img/s  eta %.0fs",
                         *(step, cfg.steps, last["loss_d"], last["loss_g"], last["d_x"], last["d_g_z1"], rate, eta),
                     )
+            t_extra = time.perf_counter()  # samples, checkpoints and SWD do not count against img/s
             if world.main and (step % cfg.sample_every == 0 or step == cfg.steps):
                 grid = trainer.sample_grid()
                 path = run_dir / "samples" / f"step-{step:08d}.png"
@@ -485,6 +486,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool | None) 
                     quality = best.update(step, good)
                     if quality:
                         monitor.quality(step, quality["swd"])
+            t_log += time.perf_counter() - t_extra
         in_sync = replicas_in_sync([trainer.G, trainer.D], world)
         if not in_sync:
             raise RuntimeError("data-parallel replicas hold different weights at the end of training")

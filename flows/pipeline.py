@@ -100,6 +100,18 @@ class TrainSettings(_Strict):
     sample_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
+    loop: Literal["fast", "textbook"] = "fast"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    channels_last: bool = True
+    fused_adam: bool = True
+    cuda_graphs: bool = True
+    gpu_cache: bool = True
+    cache_gb: float = Field(8.0, ge=0)
+    workers: int = Field(2, ge=0)
+    best_images: int = Field(512, ge=0)
+    on_nan: Literal["rollback", "stop"] = "rollback"
+    tensorboard: bool = True
+    nproc_per_node: int = Field(1, ge=1)
 
 
 class EvaluateSettings(_Strict):
