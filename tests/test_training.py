@@ -122,11 +122,15 @@ def test_nan_stops_cleanly_when_asked_or_out_of_rollbacks(
         train(tiny(shards_dir, tmp_path / "again", steps=8, checkpoint_every=2, max_rollbacks=2))
 
 
-def test_best_checkpoint_quality_log_and_tensorboard_events(shards_dir: Path, tmp_path: Path) -> None:
+def test_best_checkpoint_quality_log_tensorboard_events_and_progress_bar(
+    shards_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "r"
-    train(tiny(shards_dir, run, steps=6, checkpoint_every=2, sample_every=3, log_every=2, best_images=32))
+    cfg = tiny(shards_dir, run, steps=6, checkpoint_every=2, sample_every=3, log_every=2, best_images=32)
+    train(cfg, progress=True)
+    assert "6/6" in capsys.readouterr().err
     quality = [json.loads(line) for line in (run / "quality.jsonl").read_text().splitlines()]
     assert [q["step"] for q in quality] == [2, 4, 6] and all(q["swd"] > 0 for q in quality)
     best = json.loads((run / "checkpoints" / "best.json").read_text())
