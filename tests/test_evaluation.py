@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,6 @@ def test_imagenet32_discriminator_trains_and_is_32px_only(shards_dir: Path, tmp_
 
 @pytest.mark.slow
 def test_evaluate_cli_writes_metrics_and_report(prefect_api: None, tiny_run: Path, tmp_path: Path) -> None:
-    import json
-
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -203,8 +202,6 @@ def test_svhn_protocol_draws_balanced_labels_and_reports_spread(tmp_path: Path) 
 
 @pytest.mark.slow
 def test_evaluate_cli_runs_svhn_on_official_files(prefect_api: None, tiny_run: Path, tmp_path: Path) -> None:
-    import json
-
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -264,3 +261,105 @@ def test_memorisation_flags_copied_training_images(tiny_run: Path) -> None:
     assert grid.shape == (8 * 4, 32, 32, 3) and np.array_equal(grid[1], reference[0])  # sample, then its neighbours
     d, i = nearest(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), k=2)
     assert i[:, 0].tolist() == [0, 1, 2] and np.allclose(d[:, 0], 0, atol=1e-3)
+
+
+def test_frechet_distance_is_zero_on_equal_sets_and_grows_with_a_shift() -> None:
+    from scipy import linalg
+
+    from dcgan.evaluation.fid import frechet_distance
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+    assert abs(frechet_distance(x, x)) < 1e-8 * np.trace(np.cov(x, rowvar=False))
+    shifts = [frechet_distance(x, x + s) for s in (0.5, 1.0, 2.0)]
+    assert np.allclose(shifts, [16 * s**2 for s in (0.5, 1.0, 2.0)], rtol=1e-6)  # same covariance: ||shift||^2
+    y = rng.normal(size=(300, 16)) * 1.5 + 0.3
+    s_x, s_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    reference = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s_x + s_y - 2 * linalg.sqrtm(s_x @ s_y).real)
+    assert np.isclose(frechet_distance(x, y), reference, rtol=1e-6)  # pytorch-fid's formula
+    few_x, few_y = x[:10], y[:12]  # fewer images than dimensions: the nuclear-norm path
+    s_x, s_y = np.cov(few_x, rowvar=False), np.cov(few_y, rowvar=False)
+    root = linalg.sqrtm(s_x @ s_y + 1e-12 * np.eye(16))
+    reference = ((few_x.mean(0) - few_y.mean(0)) ** 2).sum() + np.trace(s_x + s_y - 2 * root.real)
+    assert np.isclose(frechet_distance(few_x, few_y), reference, rtol=1e-5)
+    assert abs(frechet_distance(few_x, few_x)) < 1e-10 * np.trace(s_x)
+
+
+def test_kid_is_the_unbiased_mmd_estimate() -> None:
+    from dcgan.evaluation.fid import kernel_inception_distance, mmd2_unbiased
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(4, 3))
+
+    def k(a: np.ndarray, b: np.ndarray) -> float:
+        return (a @ b / 3 + 1) ** 3
+
+    explicit = (
+        sum(k(x[i], x[j]) for i in range(5) for j in range(5) if i != j) / 20
+        + sum(k(y[i], y[j]) for i in range(4) for j in range(4) if i != j) / 12
+        - 2 * sum(k(a, b) for a in x for b in y) / 20
+    )
+    assert np.isclose(mmd2_unbiased(x, y), explicit)
+    # Equal distributions: the unbiased estimate averages to ~0, while the biased one (with the
+    # diagonal kernel terms) stays clearly positive at this subset size.
+    a, b = rng.normal(size=(4000, 64)), rng.normal(size=(4000, 64))
+    same = kernel_inception_distance(a, b, subsets=50, subset_size=100)
+
+    def biased(p: np.ndarray, q: np.ndarray) -> float:  # the V-statistic: keeps the k(x_i, x_i) terms
+        def k(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return (u @ v.T / 64 + 1) ** 3
+
+        return k(p, p).mean() + k(q, q).mean() - 2 * k(p, q).mean()
+
+    v_statistic = np.mean([biased(a[i : i + 100], b[i : i + 100]) for i in range(0, 4000, 100)])
+    assert abs(same["mean"]) < 3 * same["std"] / np.sqrt(50) < 0.1 * v_statistic
+    shifted = kernel_inception_distance(a, b + 0.5, subsets=20, subset_size=100)
+    assert shifted["mean"] > 10 * abs(same["mean"]) and shifted["subset_size"] == 100
+
+
+@pytest.fixture(scope="module")
+def fid_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised network in the layout of pytorch-fid's pt_inception file."""
+    from dcgan.evaluation.inception import fid_inception
+
+    torch.manual_seed(0)
+    net = fid_inception()
+    for m in net.modules():  # init_weights=False leaves tiny default weights; give the features some range
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_inception_weights_load_from_a_local_path_for_fid(fid_weights: Path) -> None:
+    from dcgan.evaluation.fid import frechet_distance
+    from dcgan.evaluation.inception import FID_NETWORK, load_inception, pool3_features
+
+    net = load_inception(fid_weights)
+    assert net.network == FID_NETWORK and len(net.sha256) == 64 and net.path == str(fid_weights)
+    images, _ = load_labelled_images(CIFAR / "test.parquet", limit=6)
+    feats = pool3_features(net, images, batch=4)
+    assert feats.shape == (6, 2048) and np.isfinite(feats).all() and feats.std() > 0
+    brighter = pool3_features(net, np.clip(images.astype(int) + 60, 0, 255).astype(np.uint8))
+    assert abs(frechet_distance(feats, feats)) < 1e-6 * frechet_distance(feats, brighter)
+
+
+def test_torchvision_inception_weights_are_recognised_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
+    from dcgan.evaluation.inception import TORCHVISION_NETWORK, load_inception, torchvision_inception
+
+    state = torchvision_inception().state_dict()
+    torch.save(state, tmp_path / "inception_v3_google.pth")
+    assert load_inception(tmp_path / "inception_v3_google.pth").network == TORCHVISION_NETWORK
+    with pytest.raises(EvaluationError, match="not found.*nothing is downloaded"):
+        load_inception(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    with pytest.raises(EvaluationError, match="not a PyTorch weights file"):
+        load_inception(tmp_path / "junk.pth")
+    torch.save(Discriminator(32, ndf=4).state_dict(), tmp_path / "d.pth")
+    with pytest.raises(EvaluationError, match="not an Inception-v3 state dict"):
+        load_inception(tmp_path / "d.pth")
+    del state["Mixed_7c.branch_pool.conv.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(EvaluationError, match="does not fit the torchvision"):
+        load_inception(tmp_path / "partial.pth")
