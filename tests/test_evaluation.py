@@ -363,3 +363,135 @@ def test_torchvision_inception_weights_are_recognised_and_bad_files_are_clear_er
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(EvaluationError, match="does not fit the torchvision"):
         load_inception(tmp_path / "partial.pth")
+
+
+def test_vector_arithmetic_combines_concept_means(tiny_run: Path) -> None:
+    from dcgan.evaluation.arithmetic import parse_arithmetic, vector_arithmetic
+    from dcgan.evaluation.quality import generate
+    from dcgan.evaluation.sample_sheet import SHEET_SIZE, numbered_sheet, sheet_noise
+
+    cfg, G, _, _ = load_run(tiny_run)
+    z = sheet_noise(cfg)
+    assert z.shape == (SHEET_SIZE, cfg["nz"]) and torch.equal(z, sheet_noise(cfg)) and z.abs().max() <= 1
+    sheet = numbered_sheet(generate(G, z))
+    assert sheet.shape == (10 * (64 + 14 + 2) + 2, 10 * 66 + 2, 3)  # 10x10 tiles of 64 px under their index
+    spec = parse_arithmetic("A=1,5,9; B=2,3,4 ;C=7", " A - B + C", SHEET_SIZE)
+    assert spec.concepts == {"A": [1, 5, 9], "B": [2, 3, 4], "C": [7]} and spec.expression == "A - B + C"
+    grid, summary = vector_arithmetic(G, z, spec, neighbours=8, noise_scale=0.25)
+    assert summary["concepts"] == spec.concepts and summary["neighbours"] == 8
+    assert grid.shape == (4 * 80 + 2, 9 * 66 + 2, 3)  # 3 concept rows + the result row, 9 columns
+    expected = z[[1, 5, 9]].mean(0) - z[[2, 3, 4]].mean(0) + z[7]
+    result_tile = grid[3 * 80 + 2 + 14 : 3 * 80 + 2 + 78, 2:66]
+    assert np.array_equal(result_tile, np.kron(generate(G, expected[None])[0], np.ones((2, 2, 1), np.uint8)))
+
+
+def test_vector_arithmetic_rejects_bad_concepts_and_expressions() -> None:
+    from dcgan.evaluation.arithmetic import parse_arithmetic
+
+    cases = {
+        ("A=1,100;B=2", "A-B"): "index 100 is out of range",
+        ("A=1;B=2", "A-D"): r"unknown concept\(s\) \['D'\]",
+        ("A=;B=2", "A-B"): "A has no exemplar indices",
+        ("A=1;A=2", "A"): "defined twice",
+        ("A=x", "A"): "whole numbers",
+        ("A 1", "A"): "NAME=i,j,k",
+        ("A=1;B=2", "A*B"): "joined by \\+ and -",
+        ("", "A"): "no concepts",
+    }
+    for (concepts, expression), message in cases.items():
+        with pytest.raises(EvaluationError, match=message):
+            parse_arithmetic(concepts, expression, 100)
+
+
+def test_guided_relu_passes_only_positive_gradients_with_the_leaky_slope() -> None:
+    from dcgan.evaluation.guided_backprop import GuidedLeakyReLU, guided_copy
+
+    x = torch.tensor([-2.0, -1.0, 1.0, 2.0], requires_grad=True)
+    GuidedLeakyReLU(0.2)(x).backward(torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    assert x.grad.tolist() == pytest.approx([0.2, 0.0, 1.0, 0.0])  # leaky side keeps its slope; negatives clamped
+    D = Discriminator(32, ndf=4)
+    guided = guided_copy(D)
+    assert not any(type(m) is torch.nn.LeakyReLU for m in guided.modules())
+    assert any(type(m) is torch.nn.LeakyReLU for m in D.modules())  # the original is untouched
+
+
+def test_guided_backprop_figure_for_trained_and_random_d(tiny_run: Path) -> None:
+    from dcgan.evaluation.guided_backprop import channel_maxima, guided_gradients, trained_vs_random
+
+    _, _, D, _ = load_run(tiny_run)
+    images, _ = load_labelled_images(CIFAR / "test.parquet", limit=40)
+    figure, summary = trained_vs_random(D, seeded(load_run(tiny_run)[2], 1), images, features=4, per_feature=2)
+    assert len(summary["trained_D"]["channels"]) == 4 and summary["images"] == 40
+    maxima = channel_maxima(D, images)
+    top = summary["trained_D"]["channels"]
+    assert maxima.shape == (40, 32) and maxima.mean(0)[top[0]] == maxima.mean(0).max()
+    assert figure.shape[0] == 18 + 4 * 80 + 2 and figure.shape[1] == 2 * (4 * 66 + 2) + 12
+    grads = guided_gradients(D, images[:3], top[0])
+    assert grads.shape == (3, 32, 32, 3) and np.abs(grads).sum() > 0
+
+
+def test_logistic_regression_weights_the_maps_that_mark_the_boxes_positive() -> None:
+    from dcgan.evaluation.feature_removal import fit_logistic
+
+    g = torch.Generator().manual_seed(0)
+    inside = torch.rand(2000, generator=g) < 0.2
+    x = torch.rand(2000, 6, generator=g)
+    x[:, 0] += 2 * inside  # map 0 fires inside boxes, map 1 outside, the rest is noise
+    x[:, 1] += 2 * ~inside
+    weights, accuracy = fit_logistic(x, inside)
+    assert weights[0] > 0 > weights[1] and accuracy > 0.99
+
+
+def test_feature_map_removal_drops_positive_maps_and_regenerates(tiny_run: Path) -> None:
+    from dcgan.evaluation.feature_removal import (
+        before_after_grid,
+        box_mask,
+        feature_map_removal,
+        generate_without,
+        layer_activations,
+    )
+    from dcgan.evaluation.quality import generate
+    from dcgan.evaluation.sample_sheet import sheet_noise
+
+    cfg, G, _, _ = load_run(tiny_run)
+    z = sheet_noise(cfg)
+    assert layer_activations(G, z[:2]).shape == (2, 8, 16, 16)  # ngf maps at half resolution feed the output
+    mask = box_mask([(0, 0, 8, 16)], 32, 16)
+    assert mask.sum() == 4 * 8 and mask[0, 3] and not mask[0, 4]  # cell centres 1, 3, 5, 7 px are inside x < 8
+    boxes = {3: [(0.0, 0.0, 16.0, 16.0)], 10: [(4.0, 20.0, 30.0, 32.0), (0.0, 0.0, 6.0, 6.0)]}
+    images, summary = feature_map_removal(G, z, boxes, 32)
+    assert images["before"].shape == images["after"].shape == (100, 32, 32, 3)
+    assert 0 < summary["maps_dropped"] < 8 and summary["positions_inside"] + summary["positions_outside"] == 2 * 256
+    assert not np.array_equal(images["before"], images["after"])
+    assert np.array_equal(generate_without(G, z, torch.zeros(8, dtype=torch.bool)), generate(G, z))
+    grid = before_after_grid(images, summary["annotated_samples"])
+    assert grid.shape == (4 * 80 + 2, 10 * 66 + 2, 3)  # 20 samples: before, after, before, after
+    first_after = grid[80 + 2 + 14 : 80 + 2 + 78 : 2, 2:66:2]  # row 2, column 1: sample 3 after removal
+    assert summary["annotated_samples"] == [3, 10] and np.array_equal(first_after, images["after"][3])
+    with pytest.raises(EvaluationError, match="cover every position"):
+        feature_map_removal(G, z, {0: [(0.0, 0.0, 32.0, 32.0)]}, 32)
+
+
+def test_bad_boxes_files_are_clear_errors(tmp_path: Path) -> None:
+    from dcgan.evaluation.feature_removal import load_boxes
+
+    good = {"samples": [{"index": 3, "boxes": [[0, 0, 16, 16]]}, {"index": 7, "boxes": [[1.5, 2, 30, 31]]}]}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    assert load_boxes(tmp_path / "good.json", 32, 100) == {3: [(0, 0, 16, 16)], 7: [(1.5, 2, 30, 31)]}
+    cases = {
+        "": "is empty",
+        "{not json": "not valid JSON",
+        '{"samples": []}': "non-empty list",
+        '{"samples": [{"index": 100, "boxes": [[0, 0, 4, 4]]}]}': "index 100 is out of range",
+        '{"samples": [{"index": 1, "boxes": [[0, 0, 40, 4]]}]}': "outside the 32x32 image",
+        '{"samples": [{"index": 1, "boxes": [[5, 0, 5, 4]]}]}': "outside the 32x32 image or empty",
+        '{"samples": [{"index": 1, "boxes": [[0, 0, 4]]}]}': r"must be \[x0, y0, x1, y1\]",
+        '{"samples": [{"index": 1, "boxes": []}]}': 'non-empty "boxes"',
+        '{"samples": [{"index": 1, "boxes": [[0, 0, 4, 4]]}, {"index": 1, "boxes": [[0, 0, 4, 4]]}]}': "twice",
+    }
+    for text, message in cases.items():
+        (tmp_path / "boxes.json").write_text(text)
+        with pytest.raises(EvaluationError, match=message):
+            load_boxes(tmp_path / "boxes.json", 32, 100)
+    with pytest.raises(EvaluationError, match="not found"):
+        load_boxes(tmp_path / "missing.json", 32, 100)

@@ -105,6 +105,18 @@ def generate(G: nn.Module, z: torch.Tensor, batch: int = 256) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def prior_noise(nz: int, noise: str, n: int, seed: int) -> torch.Tensor:
+    """(n, nz) z's from a run's prior, uniform on [-1, 1] or standard normal, from a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, nz, generator=g) * 2 - 1 if noise == "uniform" else torch.randn(n, nz, generator=g)
+
+
+def real_and_generated(G: nn.Module, cfg: dict, n: int, seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """Up to `n` training images of a run and as many samples: the same two sets on every call."""
+    real = real_images(cfg["shards"], n)
+    return real, generate(G, prior_noise(cfg["nz"], cfg.get("noise", "uniform"), len(real), seed))
+
+
 def latent_walks(
     G: nn.Module, nz: int, *, rows: int = 8, steps: int = 10, seed: int = 0, noise: str = "uniform"
 ) -> np.ndarray:
