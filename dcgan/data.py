@@ -50,7 +50,13 @@ def shard_urls(shards: Path, resolution: int) -> tuple[list[str], int]:
 
 
 def _decode_shard(url: str) -> np.ndarray:
-    return np.stack([decode_ppm(files[SAMPLE_EXT]) for _, files in iter_samples(Path(url))])
+    try:
+        images = [decode_ppm(files[SAMPLE_EXT]) for _, files in iter_samples(Path(url))]
+    except Exception as exc:  # tarfile, KeyError and decode errors all mean a damaged shard
+        raise DataError(f"cannot read shard {url}: {type(exc).__name__}: {exc}; rebuild the shards") from exc
+    if not images:
+        raise DataError(f"shard {url} holds no samples; rebuild the shards")
+    return np.stack(images)
 
 
 class CachedImages:
@@ -63,9 +69,14 @@ class CachedImages:
     epoch permutations: a distributed sampler that keeps resume exact.
     """
 
-    def __init__(self, urls: list[str], seed: int, device: torch.device | str = "cpu", threads: int = 4) -> None:
+    def __init__(
+        self, urls: list[str], seed: int, device: torch.device | str = "cpu", threads: int = 4, expected: int = 0
+    ) -> None:
         with ThreadPoolExecutor(threads) as pool:
             arrays = list(pool.map(_decode_shard, urls))
+        found = sum(len(a) for a in arrays)
+        if expected and found != expected:
+            raise DataError(f"the shards hold {found} samples but their index lists {expected}; rebuild the shards")
         self.images = torch.from_numpy(np.concatenate(arrays)).to(device)
         self.seed = seed
         self._perms: dict[int, torch.Tensor] = {}

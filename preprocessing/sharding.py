@@ -186,7 +186,12 @@ def read_index(shards: Path) -> dict:
     path = Path(shards) / "index.json"
     if not path.exists():
         raise ShardError(f"no shard index at {path}: run the shard stage first")
-    index = json.loads(path.read_text())
-    if index.get("__kind__") != INDEX_KIND or not index.get("shardlist"):
+    try:
+        index = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path} is not a dcgan-pipeline shard index: {exc}") from exc
+    if not isinstance(index, dict) or index.get("__kind__") != INDEX_KIND or "shardlist" not in index:
         raise ShardError(f"{path} is not a dcgan-pipeline shard index")
+    if not index["shardlist"]:
+        raise ShardError(f"{path} lists no shards: no item survived extraction and dedup")
     return index

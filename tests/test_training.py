@@ -198,3 +198,31 @@ def test_train_throughput_benchmark_runs_on_cpu(shards_dir: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout and "textbook" in done.stdout and "shards" in done.stdout
+
+
+@pytest.mark.parametrize("damage", ["empty_index", "truncated_shard", "empty_shard", "garbage_index"])
+def test_empty_or_damaged_shards_are_clear_errors(shards_dir: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    from dcgan.data import DataError
+    from preprocessing.sharding import ShardError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(shards_dir, shards)
+    index = json.loads((shards / "index.json").read_text())
+    first = shards / index["shardlist"][0]["url"]
+    if damage == "empty_index":
+        (shards / "index.json").write_text(json.dumps({**index, "shardlist": [], "total": 0}))
+        expected, message = ShardError, "lists no shards"
+    elif damage == "garbage_index":
+        (shards / "index.json").write_text("{not json")
+        expected, message = ShardError, "not a dcgan-pipeline shard index"
+    elif damage == "truncated_shard":
+        first.write_bytes(first.read_bytes()[:5000])
+        expected, message = DataError, "rebuild the shards"
+    else:
+        first.write_bytes(b"")
+        expected, message = DataError, "rebuild the shards"
+    with pytest.raises(expected, match=message):
+        train(tiny(shards, tmp_path / "r", steps=2))
+    assert not list_checkpoints(tmp_path / "r")
