@@ -31,7 +31,7 @@ run)
         BENCH=(--batches 128,1024 --steps 200 --warmup 20 --stream-workers 8)
         RUN='"steps": 3000, "batch_size": 128, "log_every": 100, "sample_every": 1000, "checkpoint_every": 1000'
     else
-        BENCH=(--batches 8 --steps 2 --warmup 1 --width 8 --stream-workers 1)
+        BENCH=(--batches 8 --steps 2 --warmup 1 --repeats 1 --width 8 --stream-workers 1)
         RUN='"steps": 4, "batch_size": 16, "ngf": 8, "ndf": 8, "log_every": 2, "sample_every": 2, "checkpoint_every": 2'
     fi
     python3 bench/train_throughput.py --device "$DEVICE" --shards "$DATA/shards" "${BENCH[@]}" \

@@ -194,7 +194,8 @@ def test_data_parallel_training_with_torchrun_gloo(shards_dir: Path, tmp_path: P
 def test_train_throughput_benchmark_runs_on_cpu(shards_dir: Path) -> None:
     """bench/train_throughput.py end to end at a tiny size (its real numbers need a GPU)."""
     cmd = [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--device", "cpu", "--resolution", "32"]
-    cmd += ["--batches", "16", "--steps", "2", "--warmup", "1", "--shards", str(shards_dir), "--width", "8"]
+    cmd += ["--batches", "16", "--steps", "2", "--warmup", "1", "--repeats", "1", "--width", "8"]
+    cmd += ["--shards", str(shards_dir)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio" in done.stdout and "textbook" in done.stdout and "shards" in done.stdout
