@@ -40,6 +40,8 @@ def device_for(world: World, requested: str) -> torch.device:
     """The device of this process: `cuda` means this rank's local GPU under torchrun."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda:") and world.distributed:
+        raise ValueError(f"under torchrun use --device cuda (each rank takes its LOCAL_RANK GPU), not {requested}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but no CUDA device is available (use --device cpu)")
     if requested == "cuda" and world.distributed:

@@ -190,5 +190,7 @@ class StepRunner:
         torch.cuda.synchronize()
         self._restore(saved, had_state)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls of other threads (the DataLoader's pin-memory thread) must not
+        # invalidate the capture (pytorch/pytorch#146924)
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._ours(self._static_real, self._static_z)

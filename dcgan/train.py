@@ -269,7 +269,8 @@ def _adopt_optimizer_flags(opt: torch.optim.Optimizer, lr: float | None) -> None
 
     `load_state_dict` takes them from the file, so a checkpoint from a CUDA run would make
     a CPU resume use a fused, capturable Adam; Adam's step counter must then also live
-    where the flags expect it.
+    where the flags expect it, and the moments keep the file's memory layout, which fused
+    CUDA Adam rejects when it differs from the parameters' (channels_last vs contiguous).
     """
     on_device = bool(opt.defaults.get("fused") or opt.defaults.get("capturable"))
     for group in opt.param_groups:
@@ -281,6 +282,9 @@ def _adopt_optimizer_flags(opt: torch.optim.Optimizer, lr: float | None) -> None
             st = opt.state.get(p, {})
             if "step" in st:
                 st["step"] = st["step"].to(p.device if on_device else "cpu", torch.float32)
+            for key, value in st.items():  # fused CUDA Adam needs moments laid out like their parameter
+                if key != "step" and torch.is_tensor(value) and value.stride() != p.stride():
+                    st[key] = torch.empty_like(p).copy_(value)
 
 
 def _step_seed(seed: int, step: int) -> int:

@@ -227,3 +227,21 @@ def test_empty_or_damaged_shards_are_clear_errors(shards_dir: Path, tmp_path: Pa
     with pytest.raises(expected, match=message):
         train(tiny(shards, tmp_path / "r", steps=2))
     assert not list_checkpoints(tmp_path / "r")
+
+
+def test_resumed_adam_moments_take_the_layout_of_their_parameters(shards_dir: Path, tmp_path: Path) -> None:
+    """A contiguous-layout checkpoint resumed by a channels_last model (fused CUDA Adam checks strides)."""
+    run = tmp_path / "r"
+    train(tiny(shards_dir, run, steps=2, checkpoint_every=2))
+    trainer = Trainer(tiny(shards_dir, run), options=StepOptions(channels_last=True, fused_adam=True))
+    trainer.load(list_checkpoints(run)[-1])
+    conv = next(p for p in trainer.D.parameters() if p.dim() == 4 and p.shape[1] > 3)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert trainer.optD.state[conv]["exp_avg"].stride() == conv.stride()
+
+
+def test_a_fixed_gpu_index_under_torchrun_is_a_clear_error() -> None:
+    from dcgan.distributed import World, device_for
+
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        device_for(World(1, 2, 1), "cuda:0")
