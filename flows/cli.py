@@ -262,34 +262,64 @@ def train(
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Option(help="training run directory (WORK/train/<run>)")],
+    checkpoint: Annotated[Path | None, typer.Option(help="a checkpoint of the run (default: its newest)")] = None,
     cifar10: Annotated[Path | None, typer.Option(help="folder with CIFAR-10 train.parquet and test.parquet")] = None,
     svhn: Annotated[Path | None, typer.Option(help="folder with SVHN train_32x32.mat and test_32x32.mat")] = None,
     limit_train: Annotated[int | None, typer.Option(help="CIFAR-10: a seeded subset of the training images")] = None,
     limit_test: Annotated[int | None, typer.Option(help="CIFAR-10: a seeded subset of the test images")] = None,
     svhn_draws: Annotated[int, typer.Option(help="SVHN: draws of the 1000 labelled images")] = 10,
+    swd_images: Annotated[int, typer.Option(help="generated and training images for SWD, FID and KID")] = 2048,
+    inception: Annotated[
+        Path | None,
+        typer.Option(
+            help="local Inception-v3 weights for FID/KID, never downloaded: pytorch-fid's "
+            "pt_inception-2015-12-05-*.pth (the FID network) or torchvision's inception_v3_google-*.pth"
+        ),
+    ] = None,
+    arithmetic: Annotated[
+        str | None,
+        typer.Option(help='vector arithmetic concepts as sample-sheet indices, e.g. "A=1,5,9;B=2,3,4;C=7,8,11"'),
+    ] = None,
+    expression: Annotated[str | None, typer.Option(help='concepts joined by + and -, e.g. "A-B+C"')] = None,
+    boxes: Annotated[
+        Path | None,
+        typer.Option(
+            help='feature-map removal: JSON {"samples": [{"index": i, "boxes": [[x0, y0, x1, y1], ...]}, ...]} '
+            "with boxes in sample-sheet pixel coordinates"
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda, for feature extraction")] = "cpu",
 ) -> None:
-    """Sample quality (SWD), latent walks, and the paper's CIFAR-10 and SVHN protocols on a run's checkpoint."""
-    from dcgan.evaluation.runs import load_run
+    """Sample quality, visualisations, and the paper's CIFAR-10 and SVHN protocols on a run's checkpoint.
+
+    Every evaluation writes a numbered sample sheet (eval/<run>/figures/sample_sheet.png): pick
+    --arithmetic exemplars and draw --boxes on it, then evaluate again.
+    """
+    from dcgan.evaluation.inputs import check_inputs
     from dcgan.train import resolve_device
     from flows.evaluate import evaluate_flow
 
-    _run(load_run, run)
     _run(resolve_device, device)
-    needed = [(cifar10, f) for f in ("train.parquet", "test.parquet")] + [(svhn, f) for f in SVHN_FILES]
-    for folder, name in needed:
-        if folder is not None and not (folder / name).is_file():
-            _run(_fail, f"{folder} lacks {name}")
+    given = {"checkpoint": checkpoint, "cifar10": cifar10, "svhn": svhn, "inception": inception, "boxes": boxes}
+    _run(check_inputs, run, arithmetic=arithmetic, expression=expression, **given)
     r = _run(
         evaluate_flow,
         str(run),
-        str(cifar10) if cifar10 else None,
-        str(svhn) if svhn else None,
         limit_train=limit_train,
         limit_test=limit_test,
         svhn_draws=svhn_draws,
+        swd_images=swd_images,
         device=device,
+        arithmetic=arithmetic,
+        expression=expression,
+        **{k: str(v) if v else None for k, v in given.items()},
     )
+    typer.echo(f"sample sheet: {r['eval_dir']}/{r['sample_sheet']['figure']} (z's: {r['sample_sheet']['z']})")
+    if "fid" in r:
+        kid = r["fid"]["kid"]
+        typer.echo(f"FID {r['fid']['fid']:.2f}, KID x 1e3 {kid['mean'] * 1e3:.2f} ({r['fid']['network']})")
+    if "feature_removal" in r:
+        typer.echo(f"feature removal: dropped {r['feature_removal']['maps_dropped']} feature maps")
     for name, res in r.get("cifar10", {}).items():
         typer.echo(f"CIFAR-10 {name}: {res['test_accuracy'] * 100:.2f}% test accuracy ({res['feature_dim']}-d)")
     if "svhn" in r:
@@ -297,9 +327,6 @@ def evaluate(
             f"SVHN: {r['svhn']['test_error_mean'] * 100:.2f}% +- {r['svhn']['test_error_std'] * 100:.2f}% test error"
         )
     typer.echo(f"report: {r['eval_dir']}/report.md")
-
-
-SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
 
 @app.command("run")

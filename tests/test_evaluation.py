@@ -130,29 +130,69 @@ def test_imagenet32_discriminator_trains_and_is_32px_only(shards_dir: Path, tmp_
 
 
 @pytest.mark.slow
-def test_evaluate_cli_writes_metrics_and_report(prefect_api: None, tiny_run: Path, tmp_path: Path) -> None:
+def test_evaluate_cli_writes_metrics_and_report(
+    prefect_api: None, tiny_run: Path, fid_weights: Path, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
     from typer.testing import CliRunner
 
     from flows.cli import app
 
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"samples": [{"index": 4, "boxes": [[0, 0, 16, 32]]}]}))
     runner = CliRunner()
     result = runner.invoke(
         app,
-        ["evaluate", "--run", str(tiny_run), "--cifar10", str(CIFAR), "--limit-train", "300", "--limit-test", "100"],
+        ["evaluate", "--run", str(tiny_run), "--cifar10", str(CIFAR), "--limit-train", "300", "--limit-test", "100"]
+        + ["--inception", str(fid_weights), "--arithmetic", "A=1,2;B=3;C=5,6,7", "--expression", "A-B+C"]
+        + ["--boxes", str(boxes)],
     )
     assert result.exit_code == 0, result.output
     out = tiny_run.parent.parent / "eval" / tiny_run.name
+    assert f"sample sheet: {out}/figures/sample_sheet.png" in result.output and "FID" in result.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["step"] == 2 and set(metrics["cifar10"]) == {"trained_D", "random_D", "raw_pixels"}
     assert metrics["samples"]["images"] == 60 and metrics["samples"]["swd"]["mean"] > 0  # all 60 training images
+    assert metrics["fid"]["images"] == 60 and metrics["fid"]["fid"] > 0 and "pytorch-fid" in metrics["fid"]["network"]
+    assert metrics["arithmetic"]["expression"] == "A - B + C" and metrics["feature_removal"]["annotated_samples"] == [4]
+    assert len(metrics["guided_backprop"]["trained_D"]["channels"]) == 6 and metrics["sample_sheet"]["samples"] == 100
+    assert np.load(out / "sample_sheet_z.npy").shape == (100, 100)
     report = (out / "report.md").read_text()
-    assert "CIFAR-10" in report and "Sliced Wasserstein" in report
-    assert (out / "figures" / "latent_walks.png").stat().st_size > 1000 and (out / "figures" / "samples.png").exists()
-    assert set(metrics["samples"]["memorisation"]) == {"pixels", "d_features"} and "Memorisation" in report
+    for section in ("CIFAR-10", "Sliced Wasserstein", "Memorisation", "FID and KID", "Sample sheet"):
+        assert section in report
+    for section in ("guided backpropagation", "Vector arithmetic", "Feature-map removal"):
+        assert section in report
+    figures = ("samples", "latent_walks", "memorisation", "sample_sheet", "guided_backprop", "vector_arithmetic")
+    for name in (*figures, "feature_removal"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 1000 and f"figures/{name}.png" in report
+    with get_client(sync_client=True) as client:
+        artifact = client.read_artifacts()
+    full = [a for a in artifact if a.key == "eval-eval-run-report"]
+    assert full and full[0].data.count("data:image/png;base64,") == 7
+
     bad = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--cifar10", str(tmp_path)])
     assert bad.exit_code == 2 and "train.parquet" in bad.output
     empty = runner.invoke(app, ["evaluate", "--run", str(tmp_path), "--cifar10", str(CIFAR)])
     assert empty.exit_code == 2 and "no checkpoints" in empty.output
+
+
+@pytest.mark.slow
+def test_bad_input_leaves_no_evaluation_behind(prefect_api: None, tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from flows.evaluate import evaluate_flow
+
+    fresh = tmp_path / "work" / "train" / "fresh"
+    shutil.copytree(tiny_run, fresh)
+    (tmp_path / "boxes.json").write_text("")
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(fresh), "--boxes", str(tmp_path / "boxes.json")])
+    assert result.exit_code == 2 and "is empty" in result.output
+    with pytest.raises(EvaluationError, match="out of range"):  # the flow checks too, for deployment runs
+        evaluate_flow(str(fresh), arithmetic="A=100", expression="A")
+    assert not (tmp_path / "work" / "eval").exists()
 
 
 def _write_svhn(path: Path, n: int, seed: int) -> None:
@@ -495,3 +535,46 @@ def test_bad_boxes_files_are_clear_errors(tmp_path: Path) -> None:
             load_boxes(tmp_path / "boxes.json", 32, 100)
     with pytest.raises(EvaluationError, match="not found"):
         load_boxes(tmp_path / "missing.json", 32, 100)
+
+
+def test_checkpoint_of_another_resolution_is_a_clear_error(tiny_run: Path, tmp_path: Path) -> None:
+    from dcgan.checkpoint import list_checkpoints, load_checkpoint
+
+    state = load_checkpoint(list_checkpoints(tiny_run)[-1])
+    state["config"] = {**state["config"], "resolution": 64}
+    torch.save(state, tmp_path / "step-00000064.pt")
+    with pytest.raises(CheckpointError, match=r"not a model of run eval-run: resolution 64 \(run: 32\)"):
+        load_run(tiny_run, tmp_path / "step-00000064.pt")
+    with pytest.raises(CheckpointError, match="does not hold a model"):  # a run without config.json: weights clash
+        load_run(tmp_path, tmp_path / "step-00000064.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_run(tiny_run, tmp_path / "nothing.pt")
+
+
+def test_every_bad_input_is_rejected_before_anything_is_written(tiny_run: Path, tmp_path: Path) -> None:
+    from dcgan.evaluation.inputs import check_inputs
+
+    def rejects(message: str, **inputs: object) -> None:
+        with pytest.raises((EvaluationError, CheckpointError), match=message):
+            check_inputs(tiny_run, **inputs)
+
+    ok = check_inputs(tiny_run, arithmetic="A=1;B=2", expression="A-B")
+    assert ok.config["resolution"] == 32 and ok.arithmetic.terms == [(1, "A"), (-1, "B")] and ok.boxes is None
+    cifar = tmp_path / "cifar"
+    cifar.mkdir()
+    for name in ("train.parquet", "test.parquet"):
+        pq.write_table(pa.table({"key": ["a"], "image": [b"x"]}), cifar / name)
+    rejects(r"train.parquet lacks column\(s\) \['label'\]", cifar10=cifar)
+    svhn = tmp_path / "svhn"
+    svhn.mkdir()
+    _write_svhn(svhn / "train_32x32.mat", 5, 0)
+    import scipy.io
+
+    scipy.io.savemat(svhn / "test_32x32.mat", {"images": np.zeros((2, 2))})
+    rejects("test_32x32.mat lacks the official keys", svhn=svhn)
+    (tmp_path / "boxes.json").write_text("")
+    rejects("boxes file .* is empty", boxes=tmp_path / "boxes.json")
+    rejects("needs both", arithmetic="A=1")
+    rejects("Inception weights not found", inception=tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        check_inputs(tmp_path)

@@ -31,17 +31,26 @@ class EvaluationError(ValueError):
     """A user-facing problem with evaluation inputs."""
 
 
+def check_image_table(path: Path) -> Path:
+    """The path, once it is a Parquet table with `image` and `label` columns (reads the schema only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"image table not found: {path}")
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, ValueError) as exc:
+        raise EvaluationError(f"{path} is not a Parquet table: {exc}") from exc
+    missing = {"image", "label"} - set(names)
+    if missing:
+        raise EvaluationError(f"{path} lacks column(s) {sorted(missing)}; expected key, label, image (bytes)")
+    return path
+
+
 def load_labelled_images(
     path: Path, limit: int | None = None, size: int = 32, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, size, size, 3) uint8 images and int labels from an image table; `limit` draws a seeded subset."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"image table not found: {path}")
-    names = pq.read_schema(path).names
-    missing = {"image", "label"} - set(names)
-    if missing:
-        raise EvaluationError(f"{path} lacks column(s) {sorted(missing)}; expected key, label, image (bytes)")
+    path = check_image_table(path)
     table = pq.read_table(path, columns=["image", "label"])
     rows = np.arange(table.num_rows)
     if limit is not None and limit < table.num_rows:

@@ -20,22 +20,34 @@ from dcgan.evaluation.svm import C_GRID, fit_svm
 
 log = logging.getLogger(__name__)
 
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 
-def load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 32, 32, 3) uint8 images and labels 0..9 from an official SVHN .mat file."""
+
+def check_svhn_mat(path: Path) -> Path:
+    """The path, once its variable directory shows the official X (32, 32, 3, N) and y (N, 1); loads no data."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationError(f"SVHN file not found: {path}")
     try:
+        shapes = {name: shape for name, shape, _ in scipy.io.whosmat(path)}
+    except (ValueError, OSError, TypeError, scipy.io.matlab.MatReadError) as exc:
+        raise EvaluationError(f"{path} is not a readable .mat file: {exc}") from exc
+    if "X" not in shapes or "y" not in shapes:
+        raise EvaluationError(f"{path} lacks the official keys 'X' and 'y' (has {sorted(shapes)})")
+    x, y = shapes["X"], shapes["y"]
+    if len(x) != 4 or x[:3] != (32, 32, 3) or x[3] != max(y):
+        raise EvaluationError(f"{path}: X must be (32, 32, 3, N) with N = len(y), got {x} and {y}")
+    return path
+
+
+def load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and labels 0..9 from an official SVHN .mat file."""
+    path = check_svhn_mat(path)
+    try:
         mat = scipy.io.loadmat(path)
     except (ValueError, OSError, TypeError, scipy.io.matlab.MatReadError) as exc:
         raise EvaluationError(f"{path} is not a readable .mat file: {exc}") from exc
-    if "X" not in mat or "y" not in mat:
-        keys = sorted(k for k in mat if not k.startswith("__"))
-        raise EvaluationError(f"{path} lacks the official keys 'X' and 'y' (has {keys})")
     x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
-    if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.shape[3] != len(y):
-        raise EvaluationError(f"{path}: X must be (32, 32, 3, N) with N = len(y), got {x.shape} and {len(y)}")
     return np.ascontiguousarray(np.transpose(x, (3, 0, 1, 2)).astype(np.uint8)), np.where(y == 10, 0, y).astype(int)
 
 
