@@ -245,3 +245,19 @@ def test_a_fixed_gpu_index_under_torchrun_is_a_clear_error() -> None:
 
     with pytest.raises(ValueError, match="LOCAL_RANK"):
         device_for(World(1, 2, 1), "cuda:0")
+
+
+@pytest.mark.slow
+def test_train_flow_runs_data_parallel_under_torchrun(prefect_api: None, shards_dir: Path, tmp_path: Path) -> None:
+    """The flow launches torchrun, streams the ranks' logs and publishes the result."""
+    import shutil
+
+    from flows.train import train_flow
+
+    work = tmp_path / "work"
+    shutil.copytree(shards_dir, work / "shards")
+    r = train_flow(
+        str(work), steps=2, resolution=32, batch_size=8, device="cpu", ngf=8, ndf=8, run="ddp", nproc_per_node=2
+    )
+    assert r["world_size"] == 2 and r["steps"] == 2 and r["step_path"] == "fp32, eager"
+    assert (work / "reports" / "train-ddp.md").read_text().count("8 x 2") == 1
