@@ -228,35 +228,65 @@ def train(
     steps: Annotated[int, typer.Option(help="total training steps")] = 1000,
     resolution: Annotated[int, typer.Option(help="32, 64 or 128; must match the shards")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="batch size")] = 128,
+    batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (a new value on --resume wins)")] = 2e-4,
     run: Annotated[str | None, typer.Option(help="run name under WORK/train (default: new timestamp)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the named (or newest) run from its checkpoint")] = False,
     discriminator: Annotated[str, typer.Option(help="dcgan, or imagenet32 (the paper's 32 px CIFAR-10 D)")] = "dcgan",
+    loop: Annotated[str, typer.Option(help="fast, or textbook (pytorch/examples' eager fp32 loop)")] = "fast",
+    precision: Annotated[str, typer.Option(help="bf16 autocast on CUDA, or fp32")] = "bf16",
+    channels_last: Annotated[bool, typer.Option(help="channels_last layout on CUDA")] = True,
+    fused_adam: Annotated[bool, typer.Option(help="fused Adam on CUDA")] = True,
+    cuda_graphs: Annotated[bool, typer.Option(help="capture the whole step as a CUDA graph")] = True,
+    gpu_cache: Annotated[bool, typer.Option(help="decoded images in GPU memory when they fit --cache-gb")] = True,
+    cache_gb: Annotated[float, typer.Option(help="decoded-cache budget in GiB; above it, stream the shards")] = 8.0,
+    best_images: Annotated[int, typer.Option(help="SWD samples per checkpoint to keep best.pt (0: off)")] = 512,
+    on_nan: Annotated[str, typer.Option(help="rollback (to the last checkpoint, halving lr) or stop")] = "rollback",
+    tensorboard: Annotated[bool, typer.Option(help="write TensorBoard events to RUN/tensorboard")] = True,
+    nproc_per_node: Annotated[int, typer.Option(help="data-parallel processes under torchrun (one per GPU)")] = 1,
+    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
+    sample_every: Annotated[int, typer.Option(help="steps between sample grids")] = 500,
+    log_every: Annotated[int, typer.Option(help="steps between metric lines")] = 50,
 ) -> None:
-    """Train a DCGAN on WORK/shards."""
+    """Train a DCGAN on WORK/shards (a progress bar shows on a terminal)."""
     from dcgan.data import shard_urls
     from dcgan.train import TrainConfig, resolve_device
     from flows.train import train_flow
 
-    settings = TrainConfig(
-        "", "", steps=steps, resolution=resolution, batch_size=batch_size, device=device, discriminator=discriminator
-    )
-    _run(settings.validate)
-    _run(resolve_device, device)
-    _run(shard_urls, work / "shards", resolution)
-
-    r = _run(
-        train_flow,
-        str(work),
+    options = dict(
         steps=steps,
         resolution=resolution,
-        device=device,
         batch_size=batch_size,
-        run=run,
-        resume=resume,
+        device=device,
+        lr=lr,
         discriminator=discriminator,
+        loop=loop,
+        precision=precision,
+        channels_last=channels_last,
+        fused_adam=fused_adam,
+        cuda_graphs=cuda_graphs,
+        gpu_cache=gpu_cache,
+        best_images=best_images,
+        on_nan=on_nan,
+        tensorboard=tensorboard,
+        checkpoint_every=checkpoint_every,
+        sample_every=sample_every,
+        log_every=log_every,
     )
-    typer.echo(f"trained to step {r['steps']}: samples {r['samples']}, checkpoint {r['checkpoint']}")
+    _run(TrainConfig("", "", **options).validate)
+    _run(resolve_device, device)
+    _run(shard_urls, work / "shards", resolution)
+    if nproc_per_node < 1:
+        _run(_fail, f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+
+    r = _run(
+        train_flow, str(work), run=run, resume=resume, cache_gb=cache_gb, nproc_per_node=nproc_per_node, **options
+    )
+    typer.echo(f"trained to step {r['steps']} on {r['device']} x{r['world_size']} ({r['step_path']})")
+    typer.echo(f"  samples:    {r['samples']}")
+    typer.echo(f"  checkpoint: {r['checkpoint']}")
+    if r.get("best"):
+        typer.echo(f"  best:       step {r['best']['step']} (SWD {r['best']['swd']:.1f}), checkpoints/best.pt")
 
 
 @app.command()
