@@ -119,8 +119,8 @@ def main() -> None:
             ("ours", ours_opts, lambda step, s=synthetic: s),
         ]
         if args.shards:
-            urls, _ = shard_urls(Path(args.shards), args.resolution)
-            cache = CachedImages(urls, seed=0, device=device)
+            urls, total = shard_urls(Path(args.shards), args.resolution)
+            cache = CachedImages(urls, total, seed=0, device=device)
             feeds.append(("ours", ours_opts, lambda step, c=cache, b=batch: c.batch(step, b)))
             if args.stream_workers:
                 stream = stream_batches(urls, batch, seed=0, workers=args.stream_workers)

@@ -320,7 +320,7 @@ def _open_data(trainer: Trainer) -> tuple[Callable[[int], torch.Tensor], int]:
             where = device if need < free // 2 else where
             if where.type == "cpu":
                 log.warning("a %.1f GB cache exceeds half the free GPU memory: keeping it in host RAM", need / 1e9)
-        cache = CachedImages(urls, cfg.seed, where, expected=total)
+        cache = CachedImages(urls, total, cfg.seed, where)
         log.info("decoded %d images into a %.1f MB cache on %s", len(cache), need / 1e6, where)
         rank, size = world.rank, world.size
         return lambda step: cache.batch(step, cfg.batch_size, rank, size).to(device, non_blocking=True), total

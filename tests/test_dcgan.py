@@ -145,12 +145,12 @@ def test_cuda_requested_without_cuda_is_a_clear_error(shards_dir: Path, tmp_path
 
 def test_cached_batches_cover_each_epoch_once(shards_dir: Path) -> None:
     urls, total = shard_urls(shards_dir, 32)
-    cache = CachedImages(urls, seed=3)
+    cache = CachedImages(urls, total, seed=3)
     assert len(cache) == total == 60 and cache.images.dtype == torch.uint8
     seen = torch.cat([cache.batch(s, 20) for s in range(3)])  # exactly one epoch
     flat = {tuple(img.flatten()[:64].tolist()) for img in seen}
     assert len(flat) == 60
-    assert torch.equal(cache.batch(7, 16), CachedImages(urls, seed=3).batch(7, 16))
+    assert torch.equal(cache.batch(7, 16), CachedImages(urls, total, seed=3).batch(7, 16))
 
 
 def test_streaming_path_yields_batches(shards_dir: Path, tmp_path: Path) -> None:

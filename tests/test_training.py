@@ -28,8 +28,8 @@ def tiny(shards: Path, run: Path, **kw: object) -> TrainConfig:
 def run_steps(cfg: TrainConfig, options: StepOptions, steps: int) -> tuple[list[list[float]], Trainer]:
     """Per-step statistics of `steps` updates on the same cached batches and noise."""
     trainer = Trainer(cfg, options=options)
-    urls, _ = shard_urls(Path(cfg.shards), cfg.resolution)
-    cache = CachedImages(urls, cfg.seed)
+    urls, total = shard_urls(Path(cfg.shards), cfg.resolution)
+    cache = CachedImages(urls, total, cfg.seed)
     rows = []
     for step in range(steps):
         trainer.acc.zero_()
@@ -201,7 +201,7 @@ def test_train_throughput_benchmark_runs_on_cpu(shards_dir: Path) -> None:
     assert "ratio" in done.stdout and "textbook" in done.stdout and "shards" in done.stdout
 
 
-@pytest.mark.parametrize("damage", ["empty_index", "truncated_shard", "empty_shard", "garbage_index"])
+@pytest.mark.parametrize("damage", ["empty_index", "truncated_shard", "empty_shard", "garbage_index", "wrong_total"])
 def test_empty_or_damaged_shards_are_clear_errors(shards_dir: Path, tmp_path: Path, damage: str) -> None:
     import shutil
 
@@ -218,6 +218,9 @@ def test_empty_or_damaged_shards_are_clear_errors(shards_dir: Path, tmp_path: Pa
     elif damage == "garbage_index":
         (shards / "index.json").write_text("{not json")
         expected, message = ShardError, "not a dcgan-pipeline shard index"
+    elif damage == "wrong_total":
+        (shards / "index.json").write_text(json.dumps({**index, "total": index["total"] + 1}))
+        expected, message = DataError, f"hold {index['total']} samples but their index lists {index['total'] + 1}"
     elif damage == "truncated_shard":
         first.write_bytes(first.read_bytes()[:5000])
         expected, message = DataError, "rebuild the shards"
