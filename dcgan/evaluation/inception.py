@@ -4,10 +4,9 @@ Nothing is ever downloaded. Two files are recognised by their classifier shape:
 
 - pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (fc 1008 x 2048): the TensorFlow
   Inception of the original FID code, ported. This is the network behind published FIDs.
-  Its architecture is torchvision's Inception3 with the blocks patched as in pytorch-fid
-  (mseitzer/pytorch-fid, `inception.py`, Apache-2.0): TensorFlow's average pooling excludes
-  the zero padding, and the last block max-pools. Those four classes are reproduced here
-  rather than imported, because pytorch-fid's builder always fetches its weights by URL.
+  Its architecture is torchvision's Inception3 with pytorch-fid's patched blocks (TensorFlow's
+  average pooling excludes the zero padding, and the last block max-pools), imported from the
+  `pytorch-fid` package; we assemble them ourselves because its builder fetches weights by URL.
 - torchvision's `inception_v3_google-0cc3c7bd.pth` (fc 1000 x 2048, with AuxLogits): an
   ImageNet classifier with other weights; its FIDs are not comparable with published ones.
 
@@ -24,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+from pytorch_fid.inception import FIDInceptionA, FIDInceptionC, FIDInceptionE_1, FIDInceptionE_2
+from torchvision.models.inception import Inception3
 
 from dcgan.evaluation.cifar import EvaluationError
 
@@ -32,54 +32,18 @@ FID_NETWORK = "pytorch-fid FID Inception (TensorFlow inception-2015-12-05, pt_in
 TORCHVISION_NETWORK = "torchvision inception_v3 IMAGENET1K_V1 (inception_v3_google; not the FID-standard network)"
 
 
-class _FIDInceptionA(InceptionA):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        pool = self.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
-        return torch.cat([self.branch1x1(x), b5, b3, pool], 1)
-
-
-class _FIDInceptionC(InceptionC):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        d = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4):
-            d = conv(d)
-        d = self.branch7x7dbl_5(d)
-        pool = self.branch_pool(F.avg_pool2d(x, 3, 1, 1, count_include_pad=False))
-        return torch.cat([self.branch1x1(x), b7, d, pool], 1)
-
-
-class _FIDInceptionE(InceptionE):
-    def __init__(self, in_channels: int, max_pool: bool) -> None:
-        super().__init__(in_channels)
-        self.max_pool = max_pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        d = torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1)
-        if self.max_pool:  # the TF graph's last block max-pools (pytorch-fid's FIDInceptionE_2)
-            pooled = F.max_pool2d(x, 3, 1, 1)
-        else:
-            pooled = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
-        return torch.cat([self.branch1x1(x), b3, d, self.branch_pool(pooled)], 1)
-
-
 def fid_inception() -> Inception3:
     """pytorch-fid's FID Inception architecture with uninitialised weights (no download)."""
     net = Inception3(num_classes=1008, aux_logits=False, init_weights=False)
-    net.Mixed_5b = _FIDInceptionA(192, pool_features=32)
-    net.Mixed_5c = _FIDInceptionA(256, pool_features=64)
-    net.Mixed_5d = _FIDInceptionA(288, pool_features=64)
-    net.Mixed_6b = _FIDInceptionC(768, channels_7x7=128)
-    net.Mixed_6c = _FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6d = _FIDInceptionC(768, channels_7x7=160)
-    net.Mixed_6e = _FIDInceptionC(768, channels_7x7=192)
-    net.Mixed_7b = _FIDInceptionE(1280, max_pool=False)
-    net.Mixed_7c = _FIDInceptionE(2048, max_pool=True)
+    net.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = FIDInceptionE_1(1280)
+    net.Mixed_7c = FIDInceptionE_2(2048)
     return net
 
 
