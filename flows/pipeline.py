@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 import yaml
 from prefect import flow, task
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dcgan.models import RESOLUTIONS
 from flows.dedup import dedup_flow
@@ -118,7 +118,15 @@ class EvaluateSettings(_Strict):
     enabled: bool = True
     cifar10: str | None = None
     svhn: str | None = None
+    inception: str | None = None  # local Inception weights for FID/KID (never downloaded)
     swd_images: int = Field(2048, ge=16)
+
+    @field_validator("inception")
+    @classmethod
+    def _weights_file_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"no Inception weights file at {path} (nothing is downloaded)")
+        return path
 
 
 class PipelineConfig(_Strict):
@@ -246,6 +254,7 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
             ev.svhn,
             swd_images=ev.swd_images,
             device="cuda" if cfg.train.device.startswith("cuda") else "cpu",
+            inception=ev.inception,
         )
     report = write_pipeline_report(cfg.work)
     return {
