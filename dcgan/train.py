@@ -41,7 +41,7 @@ from dcgan.checkpoint import (
 )
 from dcgan.data import CachedImages, DataError, shard_urls, stream_batches
 from dcgan.distributed import World, all_mean, device_for, init_process_group, replicas_in_sync, world_from_env
-from dcgan.evaluation.quality import real_images, sliced_wasserstein_distance
+from dcgan.evaluation.quality import generate, prior_noise, real_images, sliced_wasserstein_distance
 from dcgan.models import DISCRIMINATORS, RESOLUTIONS, Generator, build_discriminator, init_weights
 from dcgan.monitor import Monitor
 from dcgan.step import METRICS, StepOptions, StepRunner, make_adam
@@ -253,16 +253,6 @@ class Trainer:
             v.copy_(buffers[k])
         return make_grid(images.float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
 
-    @torch.no_grad()
-    def generate_uint8(self, z: torch.Tensor) -> np.ndarray:
-        """(N, H, W, 3) uint8 samples from G in eval mode (as the evaluation flow draws them)."""
-        self.G.eval()
-        try:
-            x = torch.cat([self.G(z[i : i + 256].to(self.device)).float() for i in range(0, len(z), 256)])
-        finally:
-            self.G.train()
-        return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
 
 def _adopt_optimizer_flags(opt: torch.optim.Optimizer, lr: float | None) -> None:
     """Keep this optimizer's own fused/capturable/foreach flags after loading a state dict.
@@ -343,17 +333,15 @@ class BestKeeper:
         record = self.folder / "best.json"
         self.best = json.loads(record.read_text()) if record.exists() else None
         self._real: np.ndarray | None = None
-        g = torch.Generator().manual_seed(trainer.cfg.seed + 2)
-        self._z = torch.rand(self.n, trainer.cfg.nz, generator=g) * 2 - 1
-        if trainer.cfg.noise == "normal":
-            self._z = torch.randn(self.n, trainer.cfg.nz, generator=g)
+        self._z = prior_noise(trainer.cfg.nz, trainer.cfg.noise, self.n, trainer.cfg.seed + 2)
 
     def update(self, step: int, data: bytes) -> dict[str, float] | None:
         if self.n == 0:
             return None
         if self._real is None:
             self._real = real_images(self.trainer.cfg.shards, self.n, seed=1)
-        fake = self.trainer.generate_uint8(self._z[: len(self._real)])
+        fake = generate(self.trainer.G, self._z[: len(self._real)])  # eval mode, as the evaluation flow
+        self.trainer.G.train()
         swd = sliced_wasserstein_distance(self._real, fake)["mean"]
         row = {"step": step, "swd": swd, "images": len(self._real)}
         _append_jsonl(self.trainer.run_dir / "quality.jsonl", row)

@@ -98,11 +98,12 @@ def sliced_wasserstein_distance(
 
 @torch.no_grad()
 def generate(G: nn.Module, z: torch.Tensor, batch: int = 256) -> np.ndarray:
-    """uint8 (N, H, W, 3) images from G in eval mode."""
+    """uint8 (N, H, W, 3) images on the host from G in eval mode (G may sit on any device)."""
     G.eval()
-    chunks = [G(z[i : i + batch]) for i in range(0, len(z), batch)]
+    device = next(G.parameters()).device
+    chunks = [G(z[i : i + batch].to(device)).float() for i in range(0, len(z), batch)]
     x = torch.cat(chunks).clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def prior_noise(nz: int, noise: str, n: int, seed: int) -> torch.Tensor:
