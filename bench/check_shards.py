@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from preprocessing.lsun import extract_lsun, write_lsun_lmdb  # noqa: E402
+from preprocessing.settings import LsunSettings, ShardSettings
 from preprocessing.sharding import build_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +38,10 @@ def main() -> None:
     scratch = args.out / "scratch"
     shutil.rmtree(scratch, ignore_errors=True)
     write_lsun_lmdb(scratch / "celeba_train_lmdb", images)
-    extract_lsun(scratch / "celeba_train_lmdb", scratch / "work", size=args.size, part_size=1000, workers=2)
-    build_shards(scratch / "work", maxcount=1000)
+    extract_lsun(
+        scratch / "celeba_train_lmdb", scratch / "work", LsunSettings(size=args.size, part_size=1000), workers=2
+    )
+    build_shards(scratch / "work", ShardSettings(maxcount=1000))
     shutil.rmtree(args.out / "shards", ignore_errors=True)
     shutil.move(str(scratch / "work" / "shards"), args.out / "shards")
     shutil.rmtree(scratch)

@@ -7,7 +7,7 @@
    count as the faces stage counts them: only boxes whose short side is >= min_face are kept.
    The 3 unannotated photos are run too; their detection counts are shown for information only
    (never as false positives).
-2. CelebA. `run_photo_stage` with `face_settings(64, DetectorConfig(kind=...), 0.25, 64_000_000)`,
+2. CelebA. `run_photo_stage` with `FacesSettings(detector=..., part_size=500)` (size 64, margin 0.25),
    part_size=500, workers=2 on the CelebA parquet: share of photos with exactly one kept crop,
    and photos/s of the whole stage (planning, process pool, decode, detect, crop, PPM sample, merge).
 3. Speed, single process and single OpenCV thread (cv2.setNumThreads(1)): `FaceDetector.detect`
@@ -44,7 +44,8 @@ import pyarrow.parquet as pq
 
 from preprocessing.faces import HAAR_FILE, DetectorConfig, Face, FaceDetector
 from preprocessing.images import decode_rgb
-from preprocessing.photo_stages import face_settings, run_photo_stage
+from preprocessing.photo_stages import run_photo_stage
+from preprocessing.settings import FacesSettings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DEFAULT_ANNOTATED = SHARED / "data" / "faces-annotated"
@@ -193,7 +194,7 @@ def celeba_stage(celeba: Path, n: int | None, yunet: Path, scratch: Path) -> tup
     lines = [
         f"### 2. CelebA faces stage ({total} aligned 178x218 photos, one face each)",
         "",
-        '`run_photo_stage(parquet, work, "celeba", face_settings(64, DetectorConfig(kind=K), 0.25, 64_000_000), '
+        '`run_photo_stage(parquet, work, "celeba", FacesSettings(detector=K, part_size=500), '
         "part_size=500, workers=2)`; shipped defaults (min_face=64, crops 64 px). photos/s is the whole call "
         "(planning, process pool start-up, decode, detect, crop, PPM sample, tar and manifest writes, merge).",
         "",
@@ -202,10 +203,10 @@ def celeba_stage(celeba: Path, n: int | None, yunet: Path, scratch: Path) -> tup
     ]
     shares: dict[str, float] = {}
     for kind in ("haar", "yunet"):
-        cfg = DetectorConfig(kind=kind, model=str(yunet) if kind == "yunet" else None)
+        cfg = FacesSettings(detector=kind, model=str(yunet) if kind == "yunet" else None, part_size=500)
         work = Path(tempfile.mkdtemp(prefix=f"stage-{kind}-", dir=scratch))
         t0 = time.perf_counter()
-        table = run_photo_stage(src, work, "celeba", face_settings(64, cfg, 0.25, 64_000_000), part_size=500, workers=2)
+        table = run_photo_stage(src, work, "celeba", cfg, workers=2)
         dt = time.perf_counter() - t0
         shutil.rmtree(work, ignore_errors=True)
         rows = table.select(["photo_key", "status", "reason"]).to_pylist()

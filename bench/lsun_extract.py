@@ -4,7 +4,7 @@ Builds two LMDBs in the official LSUN layout from CelebA photos upscaled to abou
 on the short side (the size of LSUN's released images): one with JPEG values (quality 90)
 and one with WebP values (quality 80). Then, on the same data and the same cores, it times
 
-* ours: `preprocessing.lsun.extract_lsun(db, fresh_work_dir, size, workers=W, part_size=P)`,
+* ours: `preprocessing.lsun.extract_lsun(db, fresh_work_dir, LsunSettings(size=S, part_size=P), workers=W)`,
   the whole call: planning, a process pool of W workers (forked: this script is
   single-threaded), decode + center crop + antialiased resize + PPM sample + tar write +
   Parquet part manifests, and the merge;
@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from preprocessing.lsun import extract_lsun, write_lsun_lmdb
+from preprocessing.settings import LsunSettings
 
 DEFAULT_CELEBA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "celeba" / "celeba-6k.parquet"
 CATEGORY = "bedroom_train"  # torchvision's LSUN only accepts real category names: <root>/bedroom_train_lmdb
@@ -94,7 +95,7 @@ def time_ours(db: Path, scratch: Path, size: int, workers: int, part_size: int, 
     work = Path(tempfile.mkdtemp(prefix="ours-", dir=scratch))
     try:
         t0 = time.perf_counter()
-        table = extract_lsun(db, work, size, workers=workers, part_size=part_size)
+        table = extract_lsun(db, work, LsunSettings(size=size, part_size=part_size), workers=workers)
         dt = time.perf_counter() - t0
         ok = sum(s == "ok" for s in table.column("status").to_pylist())
         if table.num_rows != n or ok != n:

@@ -17,14 +17,15 @@ from typing import Any
 
 import torch
 
-from preprocessing.tar_shards import atomic_write_bytes
+from preprocessing.atomic import atomic_write_bytes
+from preprocessing.errors import UserError
 
 FORMAT = "dcgan-pipeline-checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 BEST = "best.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, corrupted, or belongs to an incompatible model."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from preprocessing.errors import UserError
 from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.sharding import read_index
 from preprocessing.tar_shards import iter_samples
@@ -28,7 +29,7 @@ from preprocessing.tar_shards import iter_samples
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user-facing problem with the training data."""
 
 

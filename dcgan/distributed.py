@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from preprocessing.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -29,6 +31,10 @@ class World:
         return self.size > 1
 
 
+class DeviceError(UserError):
+    """The requested device does not exist on the machine that runs the step."""
+
+
 def world_from_env() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
@@ -41,12 +47,14 @@ def device_for(world: World, requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda:") and world.distributed:
-        raise ValueError(f"under torchrun use --device cuda (each rank takes its LOCAL_RANK GPU), not {requested}")
+        raise DeviceError(f"under torchrun use --device cuda (each rank takes its LOCAL_RANK GPU), not {requested}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA was requested but no CUDA device is available (use --device cpu)")
+        raise DeviceError("CUDA was requested but no CUDA device is available (use --device cpu)")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"{requested} does not exist: {torch.cuda.device_count()} GPUs are visible")
     if requested == "cuda" and world.distributed:
         if world.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"local rank {world.local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+            raise DeviceError(f"local rank {world.local_rank} has no GPU: only {torch.cuda.device_count()} visible")
         requested = f"cuda:{world.local_rank}"
     device = torch.device(requested)
     if device.type == "cuda":

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-RESOLUTIONS = (32, 64, 128)
+from dcgan.settings import RESOLUTIONS
 
 
 def _depth(resolution: int) -> int:

@@ -20,13 +20,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import Field
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
@@ -42,10 +42,12 @@ from dcgan.checkpoint import (
 from dcgan.data import CachedImages, DataError, shard_urls, stream_batches
 from dcgan.distributed import World, all_mean, device_for, init_process_group, replicas_in_sync, world_from_env
 from dcgan.evaluation.quality import generate, prior_noise, real_images, sliced_wasserstein_distance
-from dcgan.models import DISCRIMINATORS, RESOLUTIONS, Generator, build_discriminator, init_weights
+from dcgan.models import Generator, build_discriminator, init_weights
 from dcgan.monitor import Monitor
+from dcgan.settings import TrainSettings
 from dcgan.step import METRICS, StepOptions, StepRunner, make_adam
-from preprocessing.tar_shards import atomic_write_bytes, atomic_write_json
+from preprocessing.atomic import atomic_write_bytes, atomic_write_json
+from preprocessing.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,67 +55,19 @@ log = logging.getLogger(__name__)
 ARCH_FIELDS = ("resolution", "nz", "ngf", "ndf", "noise", "discriminator")
 
 
-class TrainingDiverged(RuntimeError):
-    """A loss became NaN or infinite; no checkpoint was written from the poisoned state."""
+class TrainingDiverged(UserError):
+    """A loss stayed NaN or infinite (lower lr or other settings); no poisoned checkpoint was written."""
 
 
-@dataclass
-class TrainConfig:
-    shards: str
-    run_dir: str
-    steps: int = 1000
-    resolution: int = 64
-    batch_size: int = 128  # per process: the global batch is batch_size x world size
-    lr: float = 2e-4
-    beta1: float = 0.5
-    nz: int = 100
-    ngf: int = 64
-    ndf: int = 64
-    noise: str = "uniform"
-    discriminator: str = "dcgan"  # or "imagenet32": the paper's 32 px CIFAR-10 feature D
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 50
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    cache_bytes: int = 8 << 30  # decoded-cache budget (GPU memory with gpu_cache on CUDA); above it: stream
-    workers: int = 2
-    deterministic: bool = False
-    loop: str = "fast"  # or "textbook": pytorch/examples' eager fp32 loop, for comparison
-    precision: str = "bf16"  # autocast dtype on CUDA; "fp32" turns autocast off
-    channels_last: bool = True  # CUDA only
-    fused_adam: bool = True  # CUDA only
-    cuda_graphs: bool = True  # CUDA only, single process
-    gpu_cache: bool = True  # on CUDA, keep the decoded cache in GPU memory
-    best_images: int = 512  # SWD sample size at each checkpoint to keep best.pt; 0 = off
-    on_nan: str = "rollback"  # or "stop"
-    nan_lr_factor: float = 0.5
-    max_rollbacks: int = 3
-    tensorboard: bool = True
+class TrainConfig(TrainSettings):
+    """The settings of a run plus where it reads and writes: what one training process runs."""
 
-    def validate(self) -> None:
-        if self.resolution not in RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {self.resolution}")
-        for name in ("steps", "batch_size", "nz", "ngf", "ndf", "log_every", "sample_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.beta1 < 1):
-            raise ValueError(f"need lr > 0 and 0 <= beta1 < 1, got {self.lr}, {self.beta1}")
-        if self.discriminator not in DISCRIMINATORS:
-            raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {self.discriminator!r}")
-        if self.discriminator == "imagenet32" and self.resolution != 32:
-            raise ValueError("the imagenet32 discriminator trains at resolution 32")
-        choices = {"noise": ("uniform", "normal"), "loop": ("fast", "textbook"), "precision": ("bf16", "fp32")}
-        for name, allowed in {**choices, "on_nan": ("rollback", "stop")}.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if not 0 < self.nan_lr_factor < 1 or self.max_rollbacks < 0:
-            raise ValueError("need 0 < nan_lr_factor < 1 and max_rollbacks >= 0")
-        if self.best_images < 0 or self.best_images == 1:
-            raise ValueError(f"best_images must be 0 (off) or >= 2, got {self.best_images}")
+    shards: str = Field(description="shard directory (WORK/shards)")
+    run_dir: str = Field(description="run directory (WORK/train/RUN)")
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_gb * (1 << 30))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,7 +101,6 @@ class Trainer:
     """Owns the models, optimizers and step of one training process."""
 
     def __init__(self, cfg: TrainConfig, world: World | None = None, options: StepOptions | None = None) -> None:
-        cfg.validate()
         self.cfg = cfg
         self.world = world or World()
         self.device = device_for(self.world, cfg.device)
@@ -193,7 +146,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "step": self.step,
-            "config": asdict(self.cfg),
+            "config": self.cfg.model_dump(),
             "G": self.G.state_dict(),
             "D": self.D.state_dict(),
             "optG": self.optG.state_dict(),
@@ -207,7 +160,8 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
         saved = state.get("config", {})
-        arch = {k: saved.get(k, getattr(TrainConfig, k, None)) for k in ARCH_FIELDS}  # older files lack new fields
+        defaults = {k: TrainSettings.model_fields[k].default for k in ARCH_FIELDS}  # older files lack new fields
+        arch = {k: saved.get(k, defaults[k]) for k in ARCH_FIELDS}
         clash = {k: (arch[k], getattr(self.cfg, k)) for k in ARCH_FIELDS if arch[k] != getattr(self.cfg, k)}
         if clash:
             detail = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in clash.items())
@@ -392,7 +346,7 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool | None) 
     batch_at, total = _open_data(trainer)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True) + "\n")
+        (run_dir / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2, sort_keys=True) + "\n")
     log.info(
         "training on %s x%d: %s; batch %d per process (global %d), lr %g",
         trainer.device,
@@ -501,11 +455,3 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool | None) 
         "device": str(trainer.device),
         "world_size": world.size,
     }
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown training settings: {', '.join(unknown)}")
-    return TrainConfig(**values)

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from preprocessing.tar_shards import atomic_write_bytes
+from preprocessing.atomic import atomic_write_bytes
+from preprocessing.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ INPUT = 32 * 32 * 3
 CODE = 128
 
 
-class AutoencoderError(ValueError):
+class AutoencoderError(UserError):
     """A checkpoint that is missing, corrupted, or not this autoencoder."""
 
 

@@ -2,7 +2,8 @@
 
 1. `collect_crops`: every kept (status ok) extracted item of every source as a 32x32 crop
    (`dedup/crops32.npy`, `dedup/items.parquet`): decoded once, reused by the steps below.
-2. `fit_autoencoder`: train on the crops (`dedup/autoencoder.pt`: weights + config + history).
+2. `prepare_autoencoder`: train on the crops (`dedup/autoencoder.pt`: weights + config + history),
+   or check the user's trained file.
 3. `encode_items`: the 128-bit codes (`dedup/hashes.parquet`).
 4. `group_items`: groups and keep flags for a radius (`dedup/codes.parquet`), plus the report.
 Changing the radius reruns step 4 only.
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from dedup.autoencoder import (
     AEConfig,
@@ -32,8 +34,12 @@ from dedup.autoencoder import (
     train_autoencoder,
 )
 from dedup.grouping import choose_keepers, group_codes
+from dedup.settings import DedupSettings
+from preprocessing.atomic import atomic_write_with
+from preprocessing.errors import UserError
 from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.manifest import write_table
+from preprocessing.markdown import table
 from preprocessing.preview import tile
 from preprocessing.sharding import extracted_sources
 from preprocessing.stamps import stamp
@@ -53,7 +59,7 @@ CODES_SCHEMA = pa.schema(
 )
 
 
-class DedupError(ValueError):
+class DedupError(UserError):
     """A user-facing problem with the dedup inputs."""
 
 
@@ -100,10 +106,12 @@ def collect_crops(work: Path) -> int:
         log.info("dedup: collected %d items of %s", found, src.name)
     out.mkdir(parents=True, exist_ok=True)
     array = np.stack(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
-    tmp = out / ".crops32.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    tmp.replace(out / "crops32.npy")
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.save would append .npy to a path
+            np.save(fh, array)
+
+    atomic_write_with(out / "crops32.npy", save)
     items = pa.table({"key": keys, "source": srcs, "pixels": pa.array(pixels, pa.int64())})
     write_table(_record(items, inputs), out / "items.parquet")
     return len(keys)
@@ -125,11 +133,28 @@ def load_crops(work: Path) -> np.ndarray:
     return np.load(dedup_dir(work) / "crops32.npy", mmap_mode="r")
 
 
-def fit_autoencoder(work: Path, cfg: AEConfig) -> dict:
-    """Train unless autoencoder.pt was already trained on these crops with this config."""
+def autoencoder_config(settings: DedupSettings) -> AEConfig:
+    """The training config of the hash for these settings (`auto` picks CUDA when this machine has it)."""
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AEConfig(device=device, max_epochs=settings.max_epochs, seed=settings.seed)
+
+
+def prepare_autoencoder(work: Path, settings: DedupSettings) -> tuple[Path, dict | None]:
+    """The hash to encode with: the user's trained file (checked), or one trained on these crops.
+
+    Training is skipped when autoencoder.pt was already trained on these crops with this config.
+    Returns (checkpoint, training info or None for a given file).
+    """
+    if settings.autoencoder is not None:
+        path = Path(settings.autoencoder)
+        load_autoencoder(path)  # a clear AutoencoderError for a file that is not this autoencoder
+        return path, None
     crops = load_crops(work)
     if len(crops) == 0:
         raise DedupError(f"no kept items under {Path(work) / 'extract'} to deduplicate")
+    cfg = autoencoder_config(settings)
     path = dedup_dir(work) / "autoencoder.pt"
     trained_on = stamp([dedup_dir(work) / "crops32.npy"])
     if path.exists():
@@ -139,11 +164,11 @@ def fit_autoencoder(work: Path, cfg: AEConfig) -> dict:
             ckpt = {}
         if ckpt.get("info", {}).get("trained_on") == trained_on and ckpt.get("config") == asdict(cfg):
             log.info("dedup: autoencoder is up to date")
-            return ckpt["info"]
+            return path, ckpt["info"]
     model, info = train_autoencoder(np.asarray(crops), cfg)
     info["trained_on"] = trained_on
     save_autoencoder(model, cfg, info, path)
-    return info
+    return path, info
 
 
 def encode_items(work: Path, checkpoint: Path | None = None) -> float:
@@ -167,7 +192,7 @@ def encode_items(work: Path, checkpoint: Path | None = None) -> float:
     return rate
 
 
-def group_items(work: Path, radius: int = 0) -> dict:
+def group_items(work: Path, settings: DedupSettings) -> dict:
     """Group, choose keepers ((largest source image, source, key) wins), write codes.parquet and the report."""
     hashes = pq.read_table(dedup_dir(work) / "hashes.parquet")
     n = hashes.num_rows
@@ -177,6 +202,7 @@ def group_items(work: Path, radius: int = 0) -> dict:
         else np.zeros((0, 16), np.uint8)
     )
     keys, sources = hashes["key"].to_pylist(), hashes["source"].to_pylist()
+    radius = settings.radius
     grouping = group_codes(codes, radius, content=hashes["content"].to_pylist())
     rank = [(-p, s, k) for p, s, k in zip(hashes["pixels"].to_pylist(), sources, keys, strict=True)]
     keep = choose_keepers(grouping.group, rank)
@@ -197,16 +223,16 @@ def group_items(work: Path, radius: int = 0) -> dict:
     return summary
 
 
-def _write_report(work: Path, table: pa.Table, radius: int, pairs: int) -> dict:
+def _write_report(work: Path, codes: pa.Table, radius: int, pairs: int) -> dict:
     out = dedup_dir(work)
-    group = table["group"].to_numpy()
+    group = codes["group"].to_numpy()
     ids, inverse, sizes = (
         np.unique(group, return_inverse=True, return_counts=True)
         if len(group)
         else (np.zeros(0), np.zeros(0, int), np.zeros(0, int))
     )
     n, removed = len(group), int(len(group) - len(ids))
-    degenerate = int(table["degenerate"].to_numpy(zero_copy_only=False).sum()) if n else 0
+    degenerate = int(codes["degenerate"].to_numpy(zero_copy_only=False).sum()) if n else 0
     hist = {}
     for s in sizes.tolist():
         label = str(s) if s < 5 else "5-9" if s < 10 else "10-99" if s < 100 else "100+"
@@ -222,25 +248,29 @@ def _write_report(work: Path, table: pa.Table, radius: int, pairs: int) -> dict:
         "size_histogram": hist,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    order = sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))
     lines = [
         "# Near-duplicate removal\n",
-        "| | value |\n|---|---|",
-        f"| items hashed | {n} |",
-        f"| groups | {len(ids)} |",
-        f"| removed (not kept) | {removed} |",
-        f"| Hamming radius | {radius} |",
-        f"| candidate pairs compared | {pairs} |",
-        f"| degenerate codes (no active bit; grouped only by identical pixels) | {degenerate} |",
-        "\n## Group sizes\n",
-        "| members | groups |\n|---|---|",
-        *[f"| {k} | {v} |" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))],
+        table(
+            [
+                ("items hashed", n),
+                ("groups", len(ids)),
+                ("removed (not kept)", removed),
+                ("Hamming radius", radius),
+                ("candidate pairs compared", pairs),
+                ("degenerate codes (no active bit; grouped only by identical pixels)", degenerate),
+            ],
+            ("", "value"),
+        ),
+        "## Group sizes\n",
+        table(order, ("members", "groups")),
     ]
     if degenerate:
         lines.append(
             f"\n**Warning:** {degenerate} items have an all-zero code (flat or black images); they were "
             "not merged with each other unless their pixels are identical. Inspect them."
         )
-    sheet = _contact_sheet(work, inverse, sizes, table["keep"].to_numpy(zero_copy_only=False))
+    sheet = _contact_sheet(work, inverse, sizes, codes["keep"].to_numpy(zero_copy_only=False))
     if sheet is not None:
         cv2.imwrite(str(out / "collisions.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
         lines.append(

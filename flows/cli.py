@@ -1,38 +1,29 @@
 """`dcgan-pipeline` command line: each subcommand runs its Prefect flow (no server needed).
 
 Without PREFECT_API_URL, Prefect runs flows against a temporary local API; with it, runs
-show up on that server like deployment runs do.
+show up on that server like deployment runs do. Every stage option comes from that stage's
+settings model (`preprocessing.settings`, `dedup.settings`, `dcgan.settings`). A problem of
+the user's making (any `UserError`) prints one `error:` line and exits 2 before anything is
+written; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from dcgan.checkpoint import CheckpointError
-from dcgan.data import DataError
-from dcgan.evaluation.cifar import EvaluationError
-from dcgan.train import TrainingDiverged
-from dedup.autoencoder import AutoencoderError
-from preprocessing.lsun import LsunError
-from preprocessing.sharding import ShardError
+from dcgan.settings import EvaluateSettings, TrainSettings
+from dedup.settings import DedupSettings
+from flows.options import with_settings
+from preprocessing.errors import UserError
+from preprocessing.settings import FacesSettings, IngestSettings, LsunSettings, ShardSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-USER_ERRORS = (
-    EvaluationError,
-    AutoencoderError,
-    LsunError,
-    ShardError,
-    DataError,
-    CheckpointError,
-    TrainingDiverged,
-    ValueError,
-    FileNotFoundError,
-)
 
 DEMO_CONFIG = """\
 # The embedded demo: photos shipped inside scikit-image, cut into an LSUN-format LMDB.
@@ -55,33 +46,40 @@ train:
   log_every: 10
 """
 
-
-def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN202
-    """Run a flow; turn known user errors into one clear line and exit status 2."""
-    try:
-        return fn(*args, **kwargs)
-    except USER_ERRORS as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+Work = Annotated[Path, typer.Option(help="work directory")]
+Refresh = Annotated[bool, typer.Option(help="discard an earlier run of this stage and redo it")]
 
 
-def _fail(message: str) -> None:
-    raise ValueError(message)
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Map exactly the user's errors to one `error:` line and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
 
 
 @app.command()
+@user_errors
 def demo(
-    work: Annotated[Path, typer.Option(help="work directory")] = Path("work/demo"),
+    work: Work = Path("work/demo"),
     steps: Annotated[int, typer.Option(help="training steps (about 0.6 s each on 2 CPU cores)")] = 200,
     records: Annotated[int, typer.Option(help="demo LMDB records")] = 3000,
 ) -> None:
     """Whole pipeline on the embedded demo data: build LMDB, extract, shard, train, report."""
-    from flows.pipeline import pipeline_flow
+    from flows.config import load_config
+    from flows.pipeline import check_pipeline, pipeline_flow
 
     work.mkdir(parents=True, exist_ok=True)
     config = work / "demo.yaml"
     config.write_text(DEMO_CONFIG.format(work=work, records=records, steps=steps))
-    result = _run(pipeline_flow, str(config))
+    check_pipeline(load_config(config), [])
+    result = pipeline_flow(str(config))
     train = result["train"]
     typer.secho("\nDemo finished.", fg="green", bold=True)
     typer.echo(f"  samples:    {train['samples']}")
@@ -91,117 +89,73 @@ def demo(
 
 
 @app.command()
+@user_errors
+@with_settings(LsunSettings, "LSUN settings")
 def lsun(
     db: Annotated[list[Path], typer.Option(help="LSUN <category>_<split>_lmdb directory; repeatable")],
-    work: Annotated[Path, typer.Option(help="work directory")],
-    size: Annotated[int, typer.Option(help="output crop size in pixels")] = 64,
-    part_size: Annotated[int, typer.Option(help="records per partition (one task each)")] = 10_000,
-    refresh: Annotated[bool, typer.Option(help="discard earlier extraction of these sources")] = False,
+    work: Work,
+    settings: LsunSettings,
+    name: Annotated[list[str] | None, typer.Option(help="source name per --db (default: directory name)")] = None,
+    refresh: Refresh = False,
 ) -> None:
     """Extract center crops from LSUN LMDBs into WORK/extract/<source>/."""
-    from flows.lsun import lsun_extract_flow
-    from preprocessing.lsun import resolve_db
+    from flows.lsun import check_lsun, lsun_extract_flow
 
-    for path in db:  # fail before a Prefect API is even started
-        _run(resolve_db, path)
-    if not 8 <= size <= 1024 or part_size < 1:
-        _run(_fail, f"need 8 <= size <= 1024 and part_size >= 1, got {size} and {part_size}")
-
-    for r in _run(lsun_extract_flow, [str(p) for p in db], str(work), size=size, part_size=part_size, refresh=refresh):
+    dbs = [str(p) for p in db]
+    check_lsun(dbs, name)  # fail before a Prefect API is even started
+    for r in lsun_extract_flow(dbs, str(work), settings, names=name, refresh=refresh):
         typer.echo(f"{r['source']}: {r['ok']} ok, {r['total'] - r['ok']} rejected -> {r['out_dir']}")
 
 
 @app.command()
+@user_errors
+@with_settings(FacesSettings, "faces settings")
 def faces(
     photos: Annotated[Path, typer.Option(help="folder tree, tar of photos, or Parquet table with key + image")],
-    work: Annotated[Path, typer.Option(help="work directory")],
-    detector: Annotated[str, typer.Option(help="haar (bundled with OpenCV) or yunet (needs --model)")] = "haar",
-    model: Annotated[Path | None, typer.Option(help="YuNet ONNX file (face_detection_yunet_2023mar.onnx)")] = None,
-    min_face: Annotated[int, typer.Option(help="keep faces whose box short side is at least this (source px)")] = 64,
-    size: Annotated[int, typer.Option(help="output crop size in pixels")] = 64,
-    margin: Annotated[float, typer.Option(help="context added around the box, as a share of its side")] = 0.25,
+    work: Work,
+    settings: FacesSettings,
     name: Annotated[str | None, typer.Option(help="source name (default: faces_<file or folder name>)")] = None,
-    part_size: Annotated[int, typer.Option(help="photos per partition (one task each)")] = 1000,
-    refresh: Annotated[bool, typer.Option(help="discard an earlier run of this source")] = False,
+    refresh: Refresh = False,
 ) -> None:
     """Detect faces in scraped photos and keep square crops of the large ones."""
     from flows.photos import faces_flow
-    from preprocessing.faces import DetectorConfig
-    from preprocessing.photo_stages import face_settings
+    from preprocessing.photo_stages import face_plan
     from preprocessing.photos import open_source
 
-    _run(open_source, photos)
-    _run(
-        face_settings,
-        size,
-        DetectorConfig(kind=detector, model=str(model) if model else None, min_face=min_face),
-        margin,
-        1,
-    )
-    r = _run(
-        faces_flow,
-        str(photos),
-        str(work),
-        name=name,
-        detector=detector,
-        model=str(model) if model else None,
-        min_face=min_face,
-        size=size,
-        margin=margin,
-        part_size=part_size,
-        refresh=refresh,
-    )
+    open_source(photos)
+    face_plan(settings)  # the detector and its model file load
+    r = faces_flow(str(photos), str(work), settings, name=name, refresh=refresh)
     typer.echo(f"{r['source']}: {r['photos']} photos -> {r['ok']} face crops -> {r['out_dir']}")
 
 
 @app.command()
+@user_errors
+@with_settings(IngestSettings, "ingest settings")
 def ingest(
     images: Annotated[Path, typer.Option(help="folder tree (class subfolders) or Parquet table with key + image")],
-    work: Annotated[Path, typer.Option(help="work directory")],
-    size: Annotated[int, typer.Option(help="output crop size in pixels")] = 32,
+    work: Work,
+    settings: IngestSettings,
     name: Annotated[str | None, typer.Option(help="source name (default: images_<file or folder name>)")] = None,
-    part_size: Annotated[int, typer.Option(help="images per partition (one task each)")] = 5000,
-    refresh: Annotated[bool, typer.Option(help="discard an earlier run of this source")] = False,
+    refresh: Refresh = False,
 ) -> None:
     """Min-resize and center-crop an image folder or table (ImageNet-style, 32 px)."""
     from flows.photos import ingest_flow
-    from preprocessing.photo_stages import ingest_settings
     from preprocessing.photos import open_source
 
-    _run(open_source, images)
-    _run(ingest_settings, size, 1)
-    r = _run(ingest_flow, str(images), str(work), name=name, size=size, part_size=part_size, refresh=refresh)
+    open_source(images)
+    r = ingest_flow(str(images), str(work), settings, name=name, refresh=refresh)
     typer.echo(f"{r['source']}: {r['photos']} images -> {r['ok']} crops -> {r['out_dir']}")
 
 
 @app.command()
-def dedup(
-    work: Annotated[Path, typer.Option(help="work directory")],
-    radius: Annotated[int, typer.Option(help="Hamming radius: 0 = identical codes (the paper)")] = 0,
-    autoencoder: Annotated[Path | None, typer.Option(help="trained autoencoder.pt to use instead of training")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda, for training the autoencoder")] = "cpu",
-    max_epochs: Annotated[int, typer.Option(help="autoencoder epochs at most (stops earlier on a plateau)")] = 50,
-    refresh: Annotated[bool, typer.Option(help="recollect, retrain and rehash")] = False,
-) -> None:
+@user_errors
+@with_settings(DedupSettings, "dedup settings")
+def dedup(work: Work, settings: DedupSettings, refresh: Refresh = False) -> None:
     """Flag near duplicates across every extracted source with the paper's autoencoder hash."""
-    from dcgan.train import resolve_device
-    from flows.dedup import dedup_flow
-    from preprocessing.sharding import extracted_sources
+    from flows.dedup import check_dedup, dedup_flow
 
-    if not extracted_sources(work):
-        _run(_fail, f"no extracted data under {work / 'extract'}: run an extraction stage first")
-    if not 0 <= radius < 64:
-        _run(_fail, f"radius must be between 0 and 63, got {radius}")
-    _run(resolve_device, device)
-    r = _run(
-        dedup_flow,
-        str(work),
-        radius=radius,
-        autoencoder=str(autoencoder) if autoencoder else None,
-        device=device,
-        max_epochs=max_epochs,
-        refresh=refresh,
-    )
+    check_dedup(str(work), settings)
+    r = dedup_flow(str(work), settings, refresh=refresh)
     typer.echo(
         f"{r['items']} items in {r['groups']} groups: {r['removed']} near duplicates flagged "
         f"(report: {work / 'dedup' / 'report.md'})"
@@ -209,79 +163,30 @@ def dedup(
 
 
 @app.command()
-def shard(
-    work: Annotated[Path, typer.Option(help="work directory")],
-    maxcount: Annotated[int, typer.Option(help="samples per shard")] = 10_000,
-    maxsize: Annotated[int, typer.Option(help="bytes per shard")] = 1 << 30,
-    seed: Annotated[int, typer.Option(help="shuffle seed")] = 0,
-) -> None:
+@user_errors
+@with_settings(ShardSettings, "shard settings")
+def shard(work: Work, settings: ShardSettings, refresh: Refresh = False) -> None:
     """Write the final shuffled WebDataset shards to WORK/shards/."""
     from flows.shard import shard_flow
 
-    r = _run(shard_flow, str(work), maxcount, maxsize, seed)
+    r = shard_flow(str(work), settings, refresh=refresh)
     typer.echo(f"{r['total']} samples in {r['count']} shards -> {r['shards']}")
 
 
 @app.command()
+@user_errors
+@with_settings(TrainSettings, "training settings")
 def train(
-    work: Annotated[Path, typer.Option(help="work directory")],
-    steps: Annotated[int, typer.Option(help="total training steps")] = 1000,
-    resolution: Annotated[int, typer.Option(help="32, 64 or 128; must match the shards")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate (a new value on --resume wins)")] = 2e-4,
+    work: Work,
+    settings: TrainSettings,
     run: Annotated[str | None, typer.Option(help="run name under WORK/train (default: new timestamp)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the named (or newest) run from its checkpoint")] = False,
-    discriminator: Annotated[str, typer.Option(help="dcgan, or imagenet32 (the paper's 32 px CIFAR-10 D)")] = "dcgan",
-    loop: Annotated[str, typer.Option(help="fast, or textbook (pytorch/examples' eager fp32 loop)")] = "fast",
-    precision: Annotated[str, typer.Option(help="bf16 autocast on CUDA, or fp32")] = "bf16",
-    channels_last: Annotated[bool, typer.Option(help="channels_last layout on CUDA")] = True,
-    fused_adam: Annotated[bool, typer.Option(help="fused Adam on CUDA")] = True,
-    cuda_graphs: Annotated[bool, typer.Option(help="capture the whole step as a CUDA graph")] = True,
-    gpu_cache: Annotated[bool, typer.Option(help="decoded images in GPU memory when they fit --cache-gb")] = True,
-    cache_gb: Annotated[float, typer.Option(help="decoded-cache budget in GiB; above it, stream the shards")] = 8.0,
-    best_images: Annotated[int, typer.Option(help="SWD samples per checkpoint to keep best.pt (0: off)")] = 512,
-    on_nan: Annotated[str, typer.Option(help="rollback (to the last checkpoint, halving lr) or stop")] = "rollback",
-    tensorboard: Annotated[bool, typer.Option(help="write TensorBoard events to RUN/tensorboard")] = True,
-    nproc_per_node: Annotated[int, typer.Option(help="data-parallel processes under torchrun (one per GPU)")] = 1,
-    checkpoint_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 500,
-    sample_every: Annotated[int, typer.Option(help="steps between sample grids")] = 500,
-    log_every: Annotated[int, typer.Option(help="steps between metric lines")] = 50,
 ) -> None:
     """Train a DCGAN on WORK/shards (a progress bar shows on a terminal)."""
-    from dcgan.data import shard_urls
-    from dcgan.train import TrainConfig, resolve_device
-    from flows.train import train_flow
+    from flows.train import check_train, train_flow
 
-    options = dict(
-        steps=steps,
-        resolution=resolution,
-        batch_size=batch_size,
-        device=device,
-        lr=lr,
-        discriminator=discriminator,
-        loop=loop,
-        precision=precision,
-        channels_last=channels_last,
-        fused_adam=fused_adam,
-        cuda_graphs=cuda_graphs,
-        gpu_cache=gpu_cache,
-        best_images=best_images,
-        on_nan=on_nan,
-        tensorboard=tensorboard,
-        checkpoint_every=checkpoint_every,
-        sample_every=sample_every,
-        log_every=log_every,
-    )
-    _run(TrainConfig("", "", **options).validate)
-    _run(resolve_device, device)
-    _run(shard_urls, work / "shards", resolution)
-    if nproc_per_node < 1:
-        _run(_fail, f"--nproc-per-node must be >= 1, got {nproc_per_node}")
-
-    r = _run(
-        train_flow, str(work), run=run, resume=resume, cache_gb=cache_gb, nproc_per_node=nproc_per_node, **options
-    )
+    check_train(str(work), settings)
+    r = train_flow(str(work), settings, run=run, resume=resume)
     typer.echo(f"trained to step {r['steps']} on {r['device']} x{r['world_size']} ({r['step_path']})")
     typer.echo(f"  samples:    {r['samples']}")
     typer.echo(f"  checkpoint: {r['checkpoint']}")
@@ -290,22 +195,12 @@ def train(
 
 
 @app.command()
+@user_errors
+@with_settings(EvaluateSettings, "evaluation settings")
 def evaluate(
     run: Annotated[Path, typer.Option(help="training run directory (WORK/train/<run>)")],
+    settings: EvaluateSettings,
     checkpoint: Annotated[Path | None, typer.Option(help="a checkpoint of the run (default: its newest)")] = None,
-    cifar10: Annotated[Path | None, typer.Option(help="folder with CIFAR-10 train.parquet and test.parquet")] = None,
-    svhn: Annotated[Path | None, typer.Option(help="folder with SVHN train_32x32.mat and test_32x32.mat")] = None,
-    limit_train: Annotated[int | None, typer.Option(help="CIFAR-10: a seeded subset of the training images")] = None,
-    limit_test: Annotated[int | None, typer.Option(help="CIFAR-10: a seeded subset of the test images")] = None,
-    svhn_draws: Annotated[int, typer.Option(help="SVHN: draws of the 1000 labelled images")] = 10,
-    swd_images: Annotated[int, typer.Option(help="generated and training images for SWD, FID and KID")] = 2048,
-    inception: Annotated[
-        Path | None,
-        typer.Option(
-            help="local Inception-v3 weights for FID/KID, never downloaded: pytorch-fid's "
-            "pt_inception-2015-12-05-*.pth (the FID network) or torchvision's inception_v3_google-*.pth"
-        ),
-    ] = None,
     arithmetic: Annotated[
         str | None,
         typer.Option(help='vector arithmetic concepts as sample-sheet indices, e.g. "A=1,5,9;B=2,3,4;C=7,8,11"'),
@@ -318,7 +213,6 @@ def evaluate(
             "with boxes in sample-sheet pixel coordinates"
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda, for feature extraction")] = "cpu",
 ) -> None:
     """Sample quality, visualisations, and the paper's CIFAR-10 and SVHN protocols on a run's checkpoint.
 
@@ -329,20 +223,15 @@ def evaluate(
     from dcgan.train import resolve_device
     from flows.evaluate import evaluate_flow
 
-    _run(resolve_device, device)
-    given = {"checkpoint": checkpoint, "cifar10": cifar10, "svhn": svhn, "inception": inception, "boxes": boxes}
-    _run(check_inputs, run, arithmetic=arithmetic, expression=expression, **given)
-    r = _run(
-        evaluate_flow,
+    resolve_device(settings.device)
+    check_inputs(run, settings, checkpoint=checkpoint, arithmetic=arithmetic, expression=expression, boxes=boxes)
+    r = evaluate_flow(
         str(run),
-        limit_train=limit_train,
-        limit_test=limit_test,
-        svhn_draws=svhn_draws,
-        swd_images=swd_images,
-        device=device,
+        settings,
+        checkpoint=str(checkpoint) if checkpoint else None,
         arithmetic=arithmetic,
         expression=expression,
-        **{k: str(v) if v else None for k, v in given.items()},
+        boxes=str(boxes) if boxes else None,
     )
     typer.echo(f"sample sheet: {r['eval_dir']}/{r['sample_sheet']['figure']} (z's: {r['sample_sheet']['z']})")
     if "fid" in r:
@@ -360,18 +249,21 @@ def evaluate(
 
 
 @app.command("run")
+@user_errors
 def run_config(
     config: Annotated[Path, typer.Option(help="pipeline YAML (see configs/)")],
     refresh: Annotated[
         list[str] | None, typer.Option(help="stage to redo: extract, dedup or shard; repeatable")
     ] = None,
 ) -> None:
-    """The full DAG from a YAML config."""
-    from flows.pipeline import load_config, pipeline_flow
+    """The full DAG from a YAML config, validated whole before the first stage runs."""
+    from flows.config import load_config
 
-    _run(load_config, config)
+    cfg = load_config(config)  # no Prefect imported yet: a bad config fails in a second or two
+    from flows.pipeline import check_pipeline, pipeline_flow
 
-    r = _run(pipeline_flow, str(config), refresh=refresh or [])
+    check_pipeline(cfg, refresh or [])
+    r = pipeline_flow(str(config), refresh=refresh or [])
     typer.echo(f"report: {r['report']}")
 
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from dedup.autoencoder import AEConfig
-from dedup.stage import collect_crops, dedup_dir, encode_items, fit_autoencoder, group_items
+from dcgan.train import resolve_device
+from dedup.settings import DedupSettings
+from dedup.stage import DedupError, collect_crops, dedup_dir, encode_items, group_items, prepare_autoencoder
 from flows.caching import FileFingerprint
 from flows.reports import publish
+from flows.runtime import retry_unless_user_error
+from preprocessing.sharding import extracted_sources
 
 
 def _outs(*names: str):  # noqa: ANN202
@@ -24,8 +28,15 @@ def _extract_manifests(inputs: dict) -> list[Path]:
     return sorted(Path(inputs["work"]).glob("extract/*/manifest.parquet"))
 
 
-_POLICY = {"persist_result": True, "retries": 1}
+_POLICY = {"persist_result": True, "retries": 1, "retry_condition_fn": retry_unless_user_error}
 PACKAGES = ("preprocessing", "dedup")
+
+
+def check_dedup(work: str, settings: DedupSettings) -> None:
+    """Fail before any work: something extracted to deduplicate, and the device exists here."""
+    if not extracted_sources(Path(work)):
+        raise DedupError(f"no extracted data under {Path(work) / 'extract'}: run an extraction stage first")
+    resolve_device(settings.device)
 
 
 @task(
@@ -42,8 +53,9 @@ def collect(work: str) -> int:
     cache_policy=FileFingerprint(outputs=_outs("autoencoder.pt"), derived=_outs("crops32.npy"), packages=PACKAGES),
     **_POLICY,
 )
-def fit(work: str, config: dict) -> dict:
-    return fit_autoencoder(Path(work), AEConfig(**config))
+def fit(work: str, settings: DedupSettings) -> tuple[str, dict | None]:
+    checkpoint, info = prepare_autoencoder(Path(work), settings)
+    return str(checkpoint), info
 
 
 @task(
@@ -62,8 +74,8 @@ def encode(work: str, checkpoint: str) -> float:
     ),
     **_POLICY,
 )
-def regroup(work: str, radius: int) -> dict:
-    summary = group_items(Path(work), radius)
+def regroup(work: str, settings: DedupSettings) -> dict:
+    summary = group_items(Path(work), settings)
     out = dedup_dir(Path(work))
     sheet = out / "collisions.png"
     md = (out / "report.md").read_text().replace("\n![collisions](collisions.png)", "")
@@ -72,29 +84,16 @@ def regroup(work: str, radius: int) -> dict:
 
 
 @flow(name="dedup")
-def dedup_flow(
-    work: str,
-    radius: int = 0,
-    autoencoder: str | None = None,
-    device: str = "cpu",
-    max_epochs: int = 50,
-    seed: int = 0,
-    refresh: bool = False,
-) -> dict:
+def dedup_flow(work: str, settings: DedupSettings = DedupSettings(), refresh: bool = False) -> dict:
     """Hash every extracted item with the paper's autoencoder and flag near duplicates.
 
-    `autoencoder` loads a trained checkpoint instead of training one; `refresh` redoes every step.
+    `settings.autoencoder` loads a trained checkpoint instead of training one; `refresh` redoes every step.
     """
-    if not 0 <= radius < 64:
-        raise ValueError(f"radius must be between 0 and 63, got {radius}")
+    check_dedup(work, settings)
     opts = {"refresh_cache": True} if refresh else {}
     collect.with_options(**opts)(work)
-    info = None
-    checkpoint = autoencoder
-    if checkpoint is None:
-        config = AEConfig(device=device, max_epochs=max_epochs, seed=seed).__dict__
-        info = fit.with_options(**opts)(work, config)
-        checkpoint = str(dedup_dir(Path(work)) / "autoencoder.pt")
+    fit_task = fit if settings.autoencoder is None else fit.with_options(cache_policy=NO_CACHE)
+    checkpoint, info = fit_task.with_options(**opts)(work, settings)
     rate = encode.with_options(**opts)(work, checkpoint)
-    summary = regroup.with_options(**opts)(work, radius)
+    summary = regroup.with_options(**opts)(work, settings)
     return {**summary, "hash_items_per_s": rate, "autoencoder": checkpoint, "training": info}

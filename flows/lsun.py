@@ -10,19 +10,13 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import FileFingerprint
-from flows.reports import part_totals, publish, rejects_section, table
-from flows.runtime import api_shared_with_subprocesses
-from preprocessing.images import DEFAULT_MAX_PIXELS
-from preprocessing.lsun import (
-    Partition,
-    default_min_side,
-    extract_partition,
-    prepare_extraction,
-    resolve_db,
-    source_name,
-)
+from flows.reports import part_totals, publish, rejects_section
+from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
+from preprocessing.lsun import LsunError, Partition, extract_partition, prepare_extraction, resolve_db, source_name
 from preprocessing.manifest import merge_part_manifests
+from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
+from preprocessing.settings import LsunSettings
 
 
 def _part_outputs(inputs: dict) -> list[Path]:
@@ -34,23 +28,33 @@ def _part_db(inputs: dict) -> list[Path]:
     return [Path(inputs["part"]["db"]) / "data.mdb"]
 
 
-@task(retries=2, retry_delay_seconds=2)
-def plan_lsun(
-    db: str, work: str, size: int, part_size: int, name: str | None, max_pixels: int, min_side: int, refresh: bool
-) -> tuple[str, list[dict]]:
+def check_lsun(db: list[str], names: list[str] | None) -> None:
+    """Fail before any work is scheduled: every path an LMDB, one name per database if names are given."""
+    if not db:
+        raise LsunError("give at least one LSUN database path")
+    if names is not None and len(names) != len(db):
+        raise LsunError("names must give one source name per database")
+    for path in db:
+        resolve_db(path)
+
+
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
+def plan_lsun(db: str, work: str, settings: LsunSettings, name: str | None, refresh: bool) -> tuple[str, list[dict]]:
     """Plan key ranges; with `refresh`, first remove this source's earlier extraction."""
     if refresh:
-        stale = Path(work) / "extract" / (name or source_name(resolve_db(db)))
-        shutil.rmtree(stale, ignore_errors=True)
-    out_dir, parts = prepare_extraction(
-        db, Path(work), size, part_size=part_size, name=name, max_pixels=max_pixels, min_side=min_side
-    )
+        shutil.rmtree(Path(work) / "extract" / (name or source_name(resolve_db(db))), ignore_errors=True)
+    out_dir, parts = prepare_extraction(db, Path(work), settings, name=name)
     return str(out_dir), [p.__dict__ for p in parts]
 
 
-@task(cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_db), persist_result=True, retries=1)
-def extract_lsun_part(part: dict, out_dir: str, size: int, max_pixels: int, min_side: int) -> dict:
-    return extract_partition(Partition(**part), Path(out_dir), size, max_pixels=max_pixels, min_side=min_side)
+@task(
+    cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_db),
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_unless_user_error,
+)
+def extract_lsun_part(part: dict, out_dir: str, settings: LsunSettings) -> dict:
+    return extract_partition(Partition(**part), Path(out_dir), settings)
 
 
 @task
@@ -83,34 +87,22 @@ def merge_lsun(out_dir: str, summaries: list[dict], wall: float) -> dict:
 def lsun_extract_flow(
     db: list[str],
     work: str,
-    size: int = 64,
-    part_size: int = 10_000,
+    settings: LsunSettings = LsunSettings(),
     names: list[str] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int | None = None,
     refresh: bool = False,
 ) -> list[dict]:
-    """Extract center crops of `size` px from LSUN LMDBs into `work/extract/<source>/`.
+    """Extract center crops from LSUN LMDBs into `work/extract/<source>/`.
 
     Parts run on a process pool of one worker per core (PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS
     overrides); on a Dask or Ray cluster, pass that task runner with `lsun_extract_flow.with_options`.
     """
-    if not db:
-        raise ValueError("give at least one LSUN database path")
-    if names is not None and len(names) != len(db):
-        raise ValueError("names must give one source name per database")
-    for path in db:  # fail fast, before any work is scheduled
-        resolve_db(path)
-    min_side = min_side or default_min_side(size)
+    check_lsun(db, names)
     results = []
     for i, path in enumerate(db):
-        out_dir, parts = plan_lsun(
-            path, work, size, part_size, names[i] if names else None, max_pixels, min_side, refresh
-        )
+        out_dir, parts = plan_lsun(path, work, settings, names[i] if names else None, refresh)
         t0 = time.perf_counter()
         task_ = extract_lsun_part.with_options(refresh_cache=True) if refresh else extract_lsun_part
         with api_shared_with_subprocesses():
-            futures = task_.map(parts, unmapped(out_dir), unmapped(size), unmapped(max_pixels), unmapped(min_side))
-            summaries = futures.result()
+            summaries = task_.map(parts, unmapped(out_dir), unmapped(settings)).result()
         results.append(merge_lsun(out_dir, summaries, time.perf_counter() - t0))
     return results

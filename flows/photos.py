@@ -11,20 +11,13 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import FileFingerprint
-from flows.reports import part_totals, publish, rejects_section, table
-from flows.runtime import api_shared_with_subprocesses
-from preprocessing.faces import DetectorConfig
-from preprocessing.images import DEFAULT_MAX_PIXELS
-from preprocessing.photo_stages import (
-    STAGES,
-    face_settings,
-    ingest_settings,
-    merge_photo_manifests,
-    prepare_photo_stage,
-    run_photo_part,
-)
+from flows.reports import part_totals, publish, rejects_section
+from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
+from preprocessing.markdown import table
+from preprocessing.photo_stages import STAGES, merge_photo_manifests, prepare_photo_stage, run_photo_part
 from preprocessing.photos import open_source
 from preprocessing.preview import grid_from_shards
+from preprocessing.settings import FacesSettings, IngestSettings
 
 
 def default_name(photos: str, prefix: str) -> str:
@@ -42,15 +35,22 @@ def _part_inputs(inputs: dict) -> list[Path]:
     return [Path(inputs["out_dir"]) / "plan.json", Path(inputs["out_dir"]) / "inputs.parquet"]
 
 
-@task(retries=2, retry_delay_seconds=2)
-def plan_photos(photos: str, work: str, name: str, settings: dict, part_size: int, refresh: bool) -> tuple[str, int]:
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
+def plan_photos(
+    photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool
+) -> tuple[str, int]:
     if refresh:
         shutil.rmtree(Path(work) / "extract" / name, ignore_errors=True)
-    out_dir, parts = prepare_photo_stage(photos, Path(work), name, settings, part_size)
+    out_dir, parts = prepare_photo_stage(photos, Path(work), name, settings)
     return str(out_dir), parts
 
 
-@task(cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_inputs), persist_result=True, retries=1)
+@task(
+    cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_inputs),
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_unless_user_error,
+)
 def photo_part(out_dir: str, part: int, stage: str) -> dict:
     return run_photo_part(Path(out_dir), part, STAGES[stage])
 
@@ -88,46 +88,29 @@ def merge_photos(out_dir: str, summaries: list[dict], wall: float, title: str) -
     }
 
 
-def _run_stage(photos: str, work: str, name: str, settings: dict, part_size: int, refresh: bool, title: str) -> dict:
-    out_dir, parts = plan_photos(photos, work, name, settings, part_size, refresh)
+def _run_stage(
+    photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool, stage: str, title: str
+) -> dict:
+    open_source(photos)  # a clear error for a missing or unreadable collection, before any work
+    out_dir, parts = plan_photos(photos, work, name, settings, refresh)
     t0 = time.perf_counter()
     task_ = photo_part.with_options(refresh_cache=True) if refresh else photo_part
     with api_shared_with_subprocesses():
-        summaries = task_.map(unmapped(out_dir), list(range(parts)), unmapped(settings["stage"])).result()
+        summaries = task_.map(unmapped(out_dir), list(range(parts)), unmapped(stage)).result()
     return merge_photos(out_dir, summaries, time.perf_counter() - t0, title)
 
 
 @flow(name="faces", task_runner=ProcessPoolTaskRunner())
 def faces_flow(
-    photos: str,
-    work: str,
-    name: str | None = None,
-    detector: str = "haar",
-    model: str | None = None,
-    min_face: int = 64,
-    size: int = 64,
-    margin: float = 0.25,
-    part_size: int = 1000,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    refresh: bool = False,
+    photos: str, work: str, settings: FacesSettings = FacesSettings(), name: str | None = None, refresh: bool = False
 ) -> dict:
     """Detect faces in a folder, tar or Parquet table of photos; keep square crops of faces >= min_face px."""
-    open_source(photos)
-    settings = face_settings(size, DetectorConfig(kind=detector, model=model, min_face=min_face), margin, max_pixels)
-    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, part_size, refresh, "Faces")
+    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, refresh, "faces", "Faces")
 
 
 @flow(name="ingest", task_runner=ProcessPoolTaskRunner())
 def ingest_flow(
-    images: str,
-    work: str,
-    name: str | None = None,
-    size: int = 32,
-    part_size: int = 5000,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    refresh: bool = False,
+    images: str, work: str, settings: IngestSettings = IngestSettings(), name: str | None = None, refresh: bool = False
 ) -> dict:
     """Min-resize + center-crop a folder tree (class subfolders = labels) or image table."""
-    open_source(images)
-    settings = ingest_settings(size, max_pixels)
-    return _run_stage(images, work, name or default_name(images, "images"), settings, part_size, refresh, "Ingestion")
+    return _run_stage(images, work, name or default_name(images, "images"), settings, refresh, "ingest", "Ingestion")

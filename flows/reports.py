@@ -13,7 +13,8 @@ import cv2
 import numpy as np
 from prefect.artifacts import create_markdown_artifact
 
-from preprocessing.tar_shards import atomic_write_bytes
+from preprocessing.atomic import atomic_write_bytes
+from preprocessing.markdown import table
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -23,11 +24,16 @@ def _png(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+def report_key(name: str) -> str:
+    """`extract-Faces_x` -> `extract-faces-x`: the artifact key and the file stem of a stage report."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
 def publish(work: Path, name: str, markdown: str, image: np.ndarray | bytes | None = None) -> Path:
     """Write `work/reports/<name>.md` (+ `<name>.png`) and create artifact `<name>`; returns the file."""
     reports = Path(work) / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    key = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    key = report_key(name)
     file_md, artifact_md = markdown, markdown
     if image is not None:
         png = image if isinstance(image, bytes) else _png(image)
@@ -38,13 +44,6 @@ def publish(work: Path, name: str, markdown: str, image: np.ndarray | bytes | No
     atomic_write_bytes(path, file_md.encode())
     create_markdown_artifact(artifact_md, key=key, description=f"dcgan-pipeline: {name}")
     return path
-
-
-def table(rows: list[tuple], header: tuple) -> str:
-    """A small markdown table."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def part_totals(summaries: list[dict], count: str, wall: float) -> tuple[dict[str, int], int, float]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
+
+from preprocessing.errors import UserError
 
 
 @contextmanager
@@ -26,3 +30,14 @@ def api_shared_with_subprocesses() -> Iterator[None]:
         yield
     finally:
         del os.environ["PREFECT_API_URL"]
+
+
+def retry_unless_user_error(task: Any, task_run: Any, state: State) -> bool:
+    """Retry condition for Prefect tasks: flaky I/O is retried, a UserError fails at once (it would again)."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure may be transient
+        return True
+    return True

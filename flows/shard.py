@@ -8,8 +8,11 @@ from pathlib import Path
 from prefect import flow, task
 
 from flows.caching import FileFingerprint
-from flows.reports import publish, table
+from flows.reports import publish
+from flows.runtime import retry_unless_user_error
+from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
+from preprocessing.settings import ShardSettings
 from preprocessing.sharding import build_shards
 
 
@@ -22,17 +25,23 @@ def _shard_outputs(inputs: dict) -> list[Path]:
     return [Path(inputs["work"]) / "shards" / "index.json"]
 
 
-@task(cache_policy=FileFingerprint(outputs=_shard_outputs, derived=_shard_inputs), persist_result=True, retries=1)
-def write_shards(work: str, maxcount: int, maxsize: int, seed: int) -> dict:
+@task(
+    cache_policy=FileFingerprint(outputs=_shard_outputs, derived=_shard_inputs),
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_unless_user_error,
+)
+def write_shards(work: str, settings: ShardSettings) -> dict:
     t0 = time.perf_counter()
-    index = build_shards(Path(work), maxcount=maxcount, maxsize=maxsize, seed=seed)
+    index = build_shards(Path(work), settings)
     rate = index["total"] / max(time.perf_counter() - t0, 1e-9)
     md = "# Shards\n\n" + table(
         [
             ("samples", index["total"]),
             ("shards", len(index["shardlist"])),
             ("resolution", index["resolution"]),
-            ("seed", seed),
+            ("seed", settings.seed),
+            ("dedup keep flags", "honoured (when present)" if settings.dedup else "ignored"),
             ("throughput (samples/s)", f"{rate:.0f}"),
             ("fingerprint", index["fingerprint"][:16]),
         ],
@@ -50,7 +59,7 @@ def write_shards(work: str, maxcount: int, maxsize: int, seed: int) -> dict:
 
 
 @flow(name="shard")
-def shard_flow(work: str, maxcount: int = 10_000, maxsize: int = 1 << 30, seed: int = 0, refresh: bool = False) -> dict:
-    """Write `work/shards/` from every extracted source (honouring dedup keep flags when present)."""
+def shard_flow(work: str, settings: ShardSettings = ShardSettings(), refresh: bool = False) -> dict:
+    """Write `work/shards/` from every extracted source (honouring dedup keep flags unless settings.dedup is off)."""
     task_ = write_shards.with_options(refresh_cache=True) if refresh else write_shards
-    return task_(work, maxcount, maxsize, seed)
+    return task_(work, settings)

@@ -17,11 +17,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from preprocessing.errors import UserError
+
 HAAR_FILE = "haarcascade_frontalface_default.xml"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 
 
-class DetectorError(ValueError):
+class DetectorError(UserError):
     """A detector that cannot be created from the given settings or model file."""
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import lmdb
 import pyarrow as pa
 
+from preprocessing.atomic import atomic_write_json
+from preprocessing.errors import UserError
 from preprocessing.images import (
-    DEFAULT_MAX_PIXELS,
     SAMPLE_EXT,
     ImageRejected,
     center_crop_resize,
@@ -32,14 +33,15 @@ from preprocessing.images import (
 )
 from preprocessing.manifest import ManifestRow, existing_plan, merge_part_manifests, read_manifest, write_manifest
 from preprocessing.parallel import process_pool
-from preprocessing.tar_shards import TarShardWriter, atomic_write_json
+from preprocessing.settings import LsunSettings
+from preprocessing.tar_shards import TarShardWriter
 
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-class LsunError(ValueError):
+class LsunError(UserError):
     """A user-facing problem with an LSUN database path or its parameters."""
 
 
@@ -94,6 +96,11 @@ def open_env(db: Path) -> lmdb.Environment:
     return env
 
 
+def forget_envs() -> None:
+    """Drop cached handles: a forked worker must open its own LMDB environments."""
+    _ENVS.clear()
+
+
 def db_fingerprint(db: Path) -> str:
     """Cheap identity of a database's content: its entry count plus data.mdb's size and mtime."""
     st = (db / "data.mdb").stat()
@@ -129,14 +136,7 @@ def sample_key(raw: bytes) -> str:
     return text if _SAFE.match(text) else "x" + raw.hex()
 
 
-def extract_partition(
-    part: Partition,
-    out_dir: Path,
-    size: int,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = 1,
-) -> dict:
+def extract_partition(part: Partition, out_dir: Path, settings: LsunSettings) -> dict:
     """Crop every record of `part` into `out_dir/<part>.tar`, accounting for each key in `<part>.parquet`.
 
     A part whose manifest exists is complete (it is renamed into place last) and is skipped.
@@ -147,6 +147,7 @@ def extract_partition(
         rows = read_manifest(manifest_path)
         return _summary(part, rows, 0.0, skipped=True)
     t0 = time.perf_counter()
+    min_side = settings.effective_min_side()
     rows: list[ManifestRow] = []
     end = bytes.fromhex(part.end) if part.end is not None else None
     with open_env(Path(part.db)).begin(buffers=True) as txn, TarShardWriter(out_dir / f"{part.stem}.tar") as tar:
@@ -160,9 +161,12 @@ def extract_partition(
             value = bytes(cursor.value())
             row = ManifestRow(key=key, source=part.source, part=part.index, nbytes=len(value))
             try:
-                rgb, fmt, (w, h) = decode_rgb(value, min_side=min_side, target_short_side=size, max_pixels=max_pixels)
+                rgb, fmt, (w, h) = decode_rgb(
+                    value, min_side=min_side, target_short_side=settings.size, max_pixels=settings.max_pixels
+                )
                 row.format, row.width, row.height = fmt, w, h
-                tar.write(key, {SAMPLE_EXT: encode_ppm(center_crop_resize(rgb, size)), "json": row.sample_json()})
+                crop = center_crop_resize(rgb, settings.size)
+                tar.write(key, {SAMPLE_EXT: encode_ppm(crop), "json": row.sample_json()})
             except ImageRejected as exc:
                 row.status, row.reason, row.detail = "rejected", exc.reason, exc.detail[:200]
             rows.append(row)
@@ -213,66 +217,54 @@ def write_lsun_lmdb(db_dir: Path, values: Iterable[bytes], keys: Iterable[str] |
     return keys
 
 
-def default_min_side(size: int) -> int:
-    """Images whose short side is under half the crop are rejected: 2x+ upscaling makes blur, not data."""
-    return max(1, size // 2)
-
-
 def prepare_extraction(
-    db: str | Path,
-    work: Path,
-    size: int,
-    *,
-    part_size: int = 10_000,
-    name: str | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = 1,
+    db: str | Path, work: Path, settings: LsunSettings, *, name: str | None = None
 ) -> tuple[Path, list[Partition]]:
     """Validate inputs and plan (or reload the plan of) an extraction into `work/extract/<source>`.
 
     A plan that exists for other inputs or settings is never mixed with new parts: the
     caller gets a clear error and must refresh the stage on purpose.
     """
-    if not 8 <= size <= 1024:
-        raise LsunError(f"size must be between 8 and 1024 pixels, got {size}")
-    if max_pixels < 1 or min_side < 1:
-        raise LsunError("max_pixels and min_side must be positive")
     db_path = resolve_db(db)
     source = name or source_name(db_path)
     if not _SAFE.match(source):
         raise LsunError(f"source name {source!r} may hold only letters, digits, '_' and '-'")
     out_dir = Path(work) / "extract" / source
-    settings = {
+    recorded = {
         "db": str(db_path),
         "fingerprint": db_fingerprint(db_path),
-        "size": size,
-        "part_size": part_size,
-        "max_pixels": max_pixels,
-        "min_side": min_side,
+        "size": settings.size,
+        "part_size": settings.part_size,
+        "max_pixels": settings.max_pixels,
+        "min_side": settings.effective_min_side(),
     }
-    plan = existing_plan(out_dir, settings, LsunError)
+    plan = existing_plan(out_dir, recorded, LsunError)
     if plan is not None:
         return out_dir, [Partition(**p) for p in plan["partitions"]]
-    parts = plan_partitions(db_path, source, part_size)
+    parts = plan_partitions(db_path, source, settings.part_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "plan.json", {"settings": settings, "partitions": [asdict(p) for p in parts]})
+    atomic_write_json(out_dir / "plan.json", {"settings": recorded, "partitions": [asdict(p) for p in parts]})
     return out_dir, parts
 
 
 def extract_lsun(
-    db: str | Path, work: Path, size: int = 64, *, workers: int | None = None, **kwargs: object
+    db: str | Path,
+    work: Path,
+    settings: LsunSettings | None = None,
+    *,
+    name: str | None = None,
+    workers: int | None = None,
 ) -> pa.Table:
     """Plan, extract every partition on a process pool, and merge the manifest (no Prefect)."""
-    kwargs.setdefault("min_side", default_min_side(size))
-    out_dir, parts = prepare_extraction(db, work, size, **kwargs)  # type: ignore[arg-type]
-    opts = {k: kwargs[k] for k in ("max_pixels", "min_side") if k in kwargs}
+    settings = settings or LsunSettings()
+    out_dir, parts = prepare_extraction(db, work, settings, name=name)
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(parts) <= 1:
         for p in parts:
-            extract_partition(p, out_dir, size, **opts)  # type: ignore[arg-type]
+            extract_partition(p, out_dir, settings)
     else:
-        with process_pool(workers) as pool:
-            job = partial(extract_partition, out_dir=out_dir, size=size, **opts)
+        with process_pool(workers, initializer=forget_envs) as pool:
+            job = partial(extract_partition, out_dir=out_dir, settings=settings)
             for done, _ in enumerate(pool.map(job, parts), 1):
                 log.info("extracted %d/%d parts", done, len(parts))
     return merge_part_manifests(out_dir, len(parts))

@@ -1,7 +1,7 @@
 """Stage manifests: one Parquet row per input item, kept ("ok") or rejected with a reason.
 
-The manifest is the accounting contract between stages (DESIGN.md section 2): every input
-item appears exactly once, so nothing can be dropped silently.
+The manifest is the accounting contract between stages (README, "Work directory"): every
+input item appears exactly once, so nothing can be dropped silently.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from preprocessing.atomic import atomic_write_with
 
 SCHEMA = pa.schema(
     [
@@ -65,9 +67,7 @@ def write_manifest(rows: list[ManifestRow], path: Path) -> None:
 
 
 def write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_manifest(path: Path) -> list[ManifestRow]:

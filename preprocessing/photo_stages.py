@@ -1,6 +1,6 @@
 """Stages that turn a photo collection into crops: faces (0..n per photo) and ingest (1 per photo).
 
-Same contracts as LSUN extraction (DESIGN.md section 2): `work/extract/<source>/` holds
+Same contracts as LSUN extraction (README, "Work directory"): `work/extract/<source>/` holds
 plan.json, inputs.parquet (the photo index), per-part staging tars and manifests written
 atomically, and the merged manifest. Manifest rows: one per detection (kept, or rejected as
 too small) and one per photo that yields no crop, with the reason. So every input photo is
@@ -25,12 +25,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from preprocessing.atomic import atomic_write_json
+from preprocessing.errors import UserError
 from preprocessing.faces import DetectorConfig, FaceDetector, file_sha256, square_crop
 from preprocessing.images import SAMPLE_EXT, ImageRejected, center_crop_resize, decode_rgb, encode_ppm
 from preprocessing.manifest import SCHEMA, existing_plan, write_table
 from preprocessing.parallel import process_pool
 from preprocessing.photos import PhotoSource, list_photos, open_source, read_photos
-from preprocessing.tar_shards import TarShardWriter, atomic_write_json
+from preprocessing.settings import FacesSettings, IngestSettings
+from preprocessing.tar_shards import TarShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,7 @@ PHOTO_SCHEMA = pa.schema(
 )
 
 
-class StageError(ValueError):
+class StageError(UserError):
     """A user-facing problem with a photo stage's inputs or settings."""
 
 
@@ -61,19 +64,21 @@ class StageError(ValueError):
 CropFn = Callable[[np.ndarray, dict], list[tuple[dict, np.ndarray | None]]]
 
 
-def prepare_photo_stage(photos: str | Path, work: Path, name: str, settings: dict, part_size: int) -> tuple[Path, int]:
+def prepare_photo_stage(
+    photos: str | Path, work: Path, name: str, settings: FacesSettings | IngestSettings
+) -> tuple[Path, int]:
     """Index the collection and plan row-range parts; refuse to mix with other settings or inputs."""
     if not _SAFE.match(name):
         raise StageError(f"source name {name!r} may hold only letters, digits, '_' and '-'")
-    if part_size < 1:
-        raise StageError(f"part size must be >= 1, got {part_size}")
+    plan_settings = face_plan(settings) if isinstance(settings, FacesSettings) else ingest_plan(settings)
+    part_size = settings.part_size
     src = open_source(photos)
     out_dir = Path(work) / "extract" / name
-    full = {**settings, "photos": src.path, "kind": src.kind, "part_size": part_size}
+    full = {**plan_settings, "photos": src.path, "kind": src.kind, "part_size": part_size}
     plan = existing_plan(out_dir, full, StageError)
     if plan is not None:
         return out_dir, int(plan["parts"])
-    index = list_photos(src, labels_from_folders=settings.get("labels_from_folders", False))
+    index = list_photos(src, labels_from_folders=plan_settings.get("labels_from_folders", False))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_table(index, out_dir / "inputs.parquet")
     parts = (index.num_rows + part_size - 1) // part_size
@@ -201,17 +206,21 @@ def merge_photo_manifests(out_dir: Path) -> pa.Table:
 # -- faces ---------------------------------------------------------------------------------
 
 
-def face_settings(size: int, detector: DetectorConfig, margin: float, max_pixels: int) -> dict:
-    if not 8 <= size <= 1024:
-        raise StageError(f"size must be between 8 and 1024 pixels, got {size}")
-    if not 0 <= margin <= 1:
-        raise StageError(f"margin must be between 0 and 1, got {margin}")
-    FaceDetector(detector)  # validates kind, model path and min_face before anything is written
+def face_plan(settings: FacesSettings) -> dict:
+    """The plan's record of the faces settings (the detector file by path and sha256)."""
+    detector = DetectorConfig(kind=settings.detector, model=settings.model, min_face=settings.min_face)
+    FaceDetector(detector)  # loads the cascade or ONNX file: a broken model fails before anything is written
     det = asdict(detector)
     if detector.model:
         det["model"] = str(Path(detector.model).resolve())
         det["model_sha256"] = file_sha256(detector.model)
-    return {"stage": "faces", "size": size, "margin": margin, "max_pixels": max_pixels, "detector": det}
+    return {
+        "stage": "faces",
+        "size": settings.size,
+        "margin": settings.margin,
+        "max_pixels": settings.max_pixels,
+        "detector": det,
+    }
 
 
 _DETECTORS: dict[str, FaceDetector] = {}
@@ -265,14 +274,12 @@ def face_crops(settings: dict) -> CropFn:
 # -- ImageNet-style ingestion ----------------------------------------------------------------
 
 
-def ingest_settings(size: int, max_pixels: int) -> dict:
-    if not 8 <= size <= 1024:
-        raise StageError(f"size must be between 8 and 1024 pixels, got {size}")
+def ingest_plan(settings: IngestSettings) -> dict:
     return {
         "stage": "ingest",
-        "size": size,
-        "max_pixels": max_pixels,
-        "decode_short_side": size,
+        "size": settings.size,
+        "max_pixels": settings.max_pixels,
+        "decode_short_side": settings.size,
         "labels_from_folders": True,
     }
 
@@ -291,17 +298,12 @@ STAGES: dict[str, Callable[[dict], CropFn]] = {"faces": face_crops, "ingest": in
 
 
 def run_photo_stage(
-    photos: str | Path,
-    work: Path,
-    name: str,
-    settings: dict,
-    *,
-    part_size: int = 1000,
-    workers: int | None = None,
+    photos: str | Path, work: Path, name: str, settings: FacesSettings | IngestSettings, *, workers: int | None = None
 ) -> pa.Table:
     """Plan, process every part on a process pool, merge (the Prefect-free driver)."""
-    out_dir, parts = prepare_photo_stage(photos, work, name, settings, part_size)
-    job = partial(run_photo_part, out_dir, crop_fn_factory=STAGES[settings["stage"]])
+    out_dir, parts = prepare_photo_stage(photos, work, name, settings)
+    stage = "faces" if isinstance(settings, FacesSettings) else "ingest"
+    job = partial(run_photo_part, out_dir, crop_fn_factory=STAGES[stage])
     workers = workers or os.cpu_count() or 1
     if workers == 1 or parts == 1:
         for i in range(parts):

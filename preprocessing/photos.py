@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from preprocessing.errors import UserError
+
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 INPUT_SCHEMA = pa.schema(
     [
@@ -33,7 +35,7 @@ INPUT_SCHEMA = pa.schema(
 _SKIP_SUFFIXES = {".txt", ".json", ".xml", ".csv", ".md", ".parquet", ".py", ".pdf", ".zip"}
 
 
-class PhotoSourceError(ValueError):
+class PhotoSourceError(UserError):
     """A photo collection that cannot be read as given (clear message for the user)."""
 
 

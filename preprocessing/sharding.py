@@ -21,15 +21,18 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from preprocessing.atomic import atomic_write_json
+from preprocessing.errors import UserError
 from preprocessing.images import SAMPLE_EXT
-from preprocessing.tar_shards import Member, TarShardWriter, atomic_write_json, index_tar, read_member
+from preprocessing.settings import ShardSettings
+from preprocessing.tar_shards import Member, TarShardWriter, index_tar, read_member
 
 log = logging.getLogger(__name__)
 
 INDEX_KIND = "wids-shard-index-v1"
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A user-facing problem with the inputs or parameters of sharding."""
 
 
@@ -38,10 +41,9 @@ def extracted_sources(work: Path) -> list[Path]:
     return sorted(p.parent for p in (Path(work) / "extract").glob("*/manifest.parquet"))
 
 
-def _kept_keys(work: Path, source: str, ok_keys: list[str]) -> list[str]:
+def _kept_keys(codes: Path | None, source: str, ok_keys: list[str]) -> list[str]:
     """The ok keys that dedup kept; dedup results that do not cover exactly these keys are stale."""
-    codes = Path(work) / "dedup" / "codes.parquet"
-    if not codes.exists():
+    if codes is None:
         return ok_keys
     table = pq.read_table(codes, columns=["key", "source", "keep"])
     table = table.filter(pc.equal(table["source"], source))
@@ -57,12 +59,12 @@ def _kept_keys(work: Path, source: str, ok_keys: list[str]) -> list[str]:
 Item = tuple[str, str, Member, Member]  # (key, staging tar path, image member, json member)
 
 
-def _source_items(src_dir: Path, work: Path) -> tuple[int, list[Item]]:
+def _source_items(src_dir: Path, codes: Path | None) -> tuple[int, list[Item]]:
     """(resolution, items) for the kept items of one source."""
     plan = json.loads((src_dir / "plan.json").read_text())
     table = pq.read_table(src_dir / "manifest.parquet", columns=["key", "status", "part"])
     ok = table.filter(pc.equal(table["status"], "ok"))
-    keys = _kept_keys(work, src_dir.name, ok["key"].to_pylist())
+    keys = _kept_keys(codes, src_dir.name, ok["key"].to_pylist())
     members: dict[str, tuple[str, dict[str, Member]]] = {}
     for tar in sorted(src_dir.glob("part-*.tar")):
         for m in index_tar(tar):
@@ -76,11 +78,18 @@ def _source_items(src_dir: Path, work: Path) -> tuple[int, list[Item]]:
     return int(plan["settings"]["size"]), items
 
 
-def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, seed: int = 0) -> dict:
-    """Write `work/shards/train-%06d.tar` + `index.json`; returns the index."""
-    if maxcount < 1 or maxsize < 1024:
-        raise ShardError(f"maxcount must be >= 1 and maxsize >= 1024 bytes (got {maxcount}, {maxsize})")
+def build_shards(work: Path, settings: ShardSettings | None = None) -> dict:
+    """Write `work/shards/train-%06d.tar` + `index.json`; returns the index.
+
+    With `settings.dedup` (the default) the items that dedup did not keep are left out when
+    `work/dedup/codes.parquet` exists; without it the keep flags are ignored, never deleted.
+    """
+    settings = settings or ShardSettings()
+    maxcount, maxsize, seed = settings.maxcount, settings.maxsize, settings.seed
     work = Path(work)
+    codes: Path | None = work / "dedup" / "codes.parquet"
+    if not settings.dedup or not codes.exists():
+        codes = None
     sources = extracted_sources(work)
     if not sources:
         raise ShardError(f"no extracted data under {work / 'extract'}: run an extraction stage first")
@@ -90,13 +99,12 @@ def build_shards(work: Path, *, maxcount: int = 10_000, maxsize: int = 1 << 30, 
     sizes: dict[str, int] = {}
     counts: dict[str, int] = {}
     for src in sources:
-        size, src_items = _source_items(src, work)
+        size, src_items = _source_items(src, codes)
         sizes[src.name] = size
         counts[src.name] = len(src_items)
         items += [(f"{src.name}/{key}", tar, image, meta) for key, tar, image, meta in src_items]
         digest.update((src / "manifest.parquet").read_bytes())
-    codes = work / "dedup" / "codes.parquet"
-    if codes.exists():
+    if codes is not None:
         digest.update(codes.read_bytes())
     if len(set(sizes.values())) != 1:
         raise ShardError(f"sources were extracted at different sizes {sizes}; re-extract them at one size")

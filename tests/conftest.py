@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from preprocessing.settings import LsunSettings, ShardSettings
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DCGAN_SHARED", ROOT.parent / "shared"))
 CELEBA = SHARED / "data" / "celeba" / "celeba-6k.parquet"
@@ -79,7 +81,7 @@ def extracted_work(tmp_path_factory: pytest.TempPathFactory, photo_values: list[
     root = tmp_path_factory.mktemp("extracted")
     db = root / "photos_train_lmdb"
     write_lsun_lmdb(db, photo_values)
-    extract_lsun(db, root / "work", size=32, part_size=16, workers=1)
+    extract_lsun(db, root / "work", LsunSettings(size=32, part_size=16), workers=1)
     return root / "work"
 
 
@@ -92,5 +94,5 @@ def shards_dir(tmp_path_factory: pytest.TempPathFactory, extracted_work: Path) -
 
     work = tmp_path_factory.mktemp("sharded") / "work"
     shutil.copytree(extracted_work, work)
-    build_shards(work, maxcount=25)
+    build_shards(work, ShardSettings(maxcount=25))
     return work / "shards"

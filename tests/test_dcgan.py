@@ -158,7 +158,7 @@ def test_streaming_path_yields_batches(shards_dir: Path, tmp_path: Path) -> None
     batches = stream_batches(urls, batch_size=8, seed=0, workers=0)
     first = next(batches)
     assert first.shape == (8, 3, 32, 32) and first.dtype == torch.uint8
-    result = train(tiny_config(shards_dir, tmp_path / "s", steps=2, cache_bytes=0, workers=0))
+    result = train(tiny_config(shards_dir, tmp_path / "s", steps=2, cache_gb=0, workers=0))
     assert result["steps"] == 2
 
 

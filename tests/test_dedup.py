@@ -23,13 +23,16 @@ from dedup.autoencoder import (
     train_autoencoder,
 )
 from dedup.grouping import choose_keepers, group_codes
-from dedup.stage import DedupError, collect_crops, encode_items, fit_autoencoder, group_items
-from preprocessing.photo_stages import ingest_settings, run_photo_stage
+from dedup.settings import DedupSettings
+from dedup.stage import DedupError, collect_crops, encode_items, group_items, prepare_autoencoder
+from preprocessing.photo_stages import run_photo_stage
+from preprocessing.settings import IngestSettings
 from preprocessing.sharding import ShardError, build_shards
 from preprocessing.tar_shards import iter_samples
 
+INGEST32 = IngestSettings(size=32, max_pixels=8_000_000)
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.parquet"
-FAST = AEConfig(max_epochs=4, patience=2)
+FAST = DedupSettings(max_epochs=4)
 
 
 def test_autoencoder_is_3072_128_3072_relu_with_dropout() -> None:
@@ -124,13 +127,13 @@ def cifar_pngs() -> list[bytes]:
 
 def _dedup(work: Path, radius: int = 0) -> dict:
     collect_crops(work)
-    fit_autoencoder(work, FAST)
+    prepare_autoencoder(work, FAST)
     encode_items(work)
-    return group_items(work, radius)
+    return group_items(work, FAST.model_copy(update={"radius": radius}))
 
 
 def test_same_file_names_in_two_sources_stay_distinct_and_copies_merge(tmp_path: Path, cifar_pngs: list) -> None:
-    settings = ingest_settings(32, 8_000_000)
+    settings = INGEST32
     for name in ("site_a", "site_b"):  # identical folders: same names, same pixels
         run_photo_stage(_image_folder(tmp_path / name, cifar_pngs[:40]), tmp_path / "w", name, settings, workers=1)
     run_photo_stage(
@@ -157,12 +160,10 @@ def test_same_file_names_in_two_sources_stay_distinct_and_copies_merge(tmp_path:
 
 
 def test_regrouping_with_another_radius_reuses_the_codes(tmp_path: Path, cifar_pngs: list) -> None:
-    run_photo_stage(
-        _image_folder(tmp_path / "p", cifar_pngs), tmp_path / "w", "p", ingest_settings(32, 8_000_000), workers=1
-    )
+    run_photo_stage(_image_folder(tmp_path / "p", cifar_pngs), tmp_path / "w", "p", INGEST32, workers=1)
     r0 = _dedup(tmp_path / "w", 0)
     hashes = (tmp_path / "w" / "dedup" / "hashes.parquet").stat().st_mtime_ns
-    r8 = group_items(tmp_path / "w", 8)
+    r8 = group_items(tmp_path / "w", DedupSettings(radius=8))
     assert (tmp_path / "w" / "dedup" / "hashes.parquet").stat().st_mtime_ns == hashes
     assert r8["groups"] <= r0["groups"] and r8["radius"] == 8
 
@@ -172,7 +173,7 @@ def test_all_identical_images_collapse_to_one(tmp_path: Path, cifar_pngs: list) 
         _image_folder(tmp_path / "same", [cifar_pngs[0]] * 10),
         tmp_path / "w",
         "same",
-        ingest_settings(32, 8_000_000),
+        INGEST32,
         workers=1,
     )
     summary = _dedup(tmp_path / "w")
@@ -185,7 +186,7 @@ def test_all_black_images_are_reported_not_silently_merged_with_others(tmp_path:
         _image_folder(tmp_path / "mix", [black] * 5 + cifar_pngs[:30]),
         tmp_path / "w",
         "mix",
-        ingest_settings(32, 8_000_000),
+        INGEST32,
         workers=1,
     )
     _dedup(tmp_path / "w")
@@ -206,7 +207,7 @@ def test_one_item_and_empty_work_dirs(tmp_path: Path, cifar_pngs: list) -> None:
         _image_folder(tmp_path / "one", cifar_pngs[:1]),
         tmp_path / "w",
         "one",
-        ingest_settings(32, 8_000_000),
+        INGEST32,
         workers=1,
     )
     summary = _dedup(tmp_path / "w")
@@ -214,7 +215,7 @@ def test_one_item_and_empty_work_dirs(tmp_path: Path, cifar_pngs: list) -> None:
 
 
 def test_stale_dedup_results_stop_sharding(tmp_path: Path, cifar_pngs: list) -> None:
-    settings = ingest_settings(32, 8_000_000)
+    settings = INGEST32
     run_photo_stage(_image_folder(tmp_path / "p", cifar_pngs[:20]), tmp_path / "w", "p", settings, workers=1)
     _dedup(tmp_path / "w")
     shutil.rmtree(tmp_path / "w" / "extract" / "p")

@@ -18,6 +18,7 @@ from dcgan.evaluation.features import conv_outputs, extract_features, feature_si
 from dcgan.evaluation.runs import load_run
 from dcgan.evaluation.svm import fit_svm, select_and_fit
 from dcgan.models import Discriminator, ImageNetDiscriminator32
+from dcgan.settings import EvaluateSettings
 from dcgan.train import TrainConfig, train
 
 CIFAR = SHARED / "data" / "cifar10"
@@ -126,7 +127,7 @@ def test_imagenet32_discriminator_trains_and_is_32px_only(shards_dir: Path, tmp_
     _, _, D, _ = load_run(tmp_path / "r")
     assert isinstance(D, ImageNetDiscriminator32)
     with pytest.raises(ValueError, match="resolution 32"):
-        TrainConfig(shards="s", run_dir="r", resolution=64, discriminator="imagenet32").validate()
+        TrainConfig(shards="s", run_dir="r", resolution=64, discriminator="imagenet32")
 
 
 @pytest.mark.slow
@@ -555,10 +556,11 @@ def test_every_bad_input_is_rejected_before_anything_is_written(tiny_run: Path, 
     from dcgan.evaluation.inputs import check_inputs
 
     def rejects(message: str, **inputs: object) -> None:
+        paths = {k: str(inputs.pop(k)) for k in ("cifar10", "svhn", "inception") if k in inputs}
         with pytest.raises((EvaluationError, CheckpointError), match=message):
-            check_inputs(tiny_run, **inputs)
+            check_inputs(tiny_run, EvaluateSettings.model_construct(**paths), **inputs)
 
-    ok = check_inputs(tiny_run, arithmetic="A=1;B=2", expression="A-B")
+    ok = check_inputs(tiny_run, EvaluateSettings(), arithmetic="A=1;B=2", expression="A-B")
     assert ok.config["resolution"] == 32 and ok.arithmetic.terms == [(1, "A"), (-1, "B")] and ok.boxes is None
     cifar = tmp_path / "cifar"
     cifar.mkdir()
@@ -577,4 +579,4 @@ def test_every_bad_input_is_rejected_before_anything_is_written(tiny_run: Path, 
     rejects("needs both", arithmetic="A=1")
     rejects("Inception weights not found", inception=tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match="holds no checkpoints"):
-        check_inputs(tmp_path)
+        check_inputs(tmp_path, EvaluateSettings())

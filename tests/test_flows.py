@@ -148,7 +148,7 @@ def test_invalid_config_names_the_field(tmp_path: Path) -> None:
     no_weights = tmp_path / "no_weights.yaml"
     no_weights.write_text("work: w\nsources: [{type: demo}]\nevaluate: {inception: /nowhere/pt_inception.pth}\n")
     result = runner.invoke(app, ["run", "--config", str(no_weights)])
-    assert result.exit_code == 2 and "no Inception weights file" in result.output
+    assert result.exit_code == 2 and "evaluate.inception: no file at" in result.output
 
 
 def test_train_without_shards_exits_with_clear_error(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from preprocessing.lsun import (
     source_name,
     write_lsun_lmdb,
 )
+from preprocessing.settings import LsunSettings, SettingsError, ShardSettings, parse_settings
 from preprocessing.sharding import build_shards
 
 
@@ -47,7 +48,7 @@ def test_torchvision_reads_our_lmdb_with_same_count(lsun_db: Path, tmp_path: Pat
 
 
 def test_every_key_is_accounted_for_exactly_once(lsun_db: Path, tmp_path: Path, bad_values: dict) -> None:
-    manifest = extract_lsun(lsun_db, tmp_path, size=32, part_size=7, workers=2)
+    manifest = extract_lsun(lsun_db, tmp_path, LsunSettings(size=32, part_size=7), workers=2)
     rows = manifest.to_pylist()
     with open_env(lsun_db).begin() as txn:
         keys = [k.decode() for k in txn.cursor().iternext(values=False)]
@@ -67,7 +68,7 @@ def test_source_name_and_path_resolution(lsun_db: Path) -> None:
 
 def test_missing_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(LsunError, match="not found"):
-        prepare_extraction(tmp_path / "nope_lmdb", tmp_path / "work", 64)
+        prepare_extraction(tmp_path / "nope_lmdb", tmp_path / "work", LsunSettings(size=64))
     assert not (tmp_path / "work").exists()
 
 
@@ -75,46 +76,47 @@ def test_directory_without_lmdb_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "photos_lmdb").mkdir()
     (tmp_path / "photos_lmdb" / "a.jpg").write_bytes(b"x")
     with pytest.raises(LsunError, match="not an LMDB"):
-        prepare_extraction(tmp_path / "photos_lmdb", tmp_path / "work", 64)
+        prepare_extraction(tmp_path / "photos_lmdb", tmp_path / "work", LsunSettings(size=64))
     (tmp_path / "fake_lmdb").mkdir()
     (tmp_path / "fake_lmdb" / "data.mdb").write_bytes(b"garbage" * 100)
     with pytest.raises(LsunError, match="not a readable LMDB"):
-        prepare_extraction(tmp_path / "fake_lmdb", tmp_path / "work", 64)
+        prepare_extraction(tmp_path / "fake_lmdb", tmp_path / "work", LsunSettings(size=64))
     assert not (tmp_path / "work").exists()
 
 
 @pytest.mark.parametrize(("size", "kw"), [(4, {}), (5000, {}), (64, {"part_size": 0}), (64, {"max_pixels": 0})])
-def test_invalid_parameters_write_nothing(lsun_db: Path, tmp_path: Path, size: int, kw: dict) -> None:
-    with pytest.raises(LsunError):
-        prepare_extraction(lsun_db, tmp_path / "work", size, **kw)
-    assert not (tmp_path / "work" / "extract" / "bedroom_train" / "plan.json").exists()
+def test_invalid_parameters_write_nothing(tmp_path: Path, size: int, kw: dict) -> None:
+    with pytest.raises(SettingsError, match=next(iter(kw), "size")):
+        parse_settings(LsunSettings, {"size": size, **kw}, "LSUN settings")
+    assert not (tmp_path / "work").exists()
 
 
 def test_other_settings_on_an_existing_extraction_are_refused(lsun_db: Path, tmp_path: Path) -> None:
-    prepare_extraction(lsun_db, tmp_path, 32, part_size=10)
-    with pytest.raises(LsunError, match="other size"):
-        prepare_extraction(lsun_db, tmp_path, 64, part_size=10)
+    prepare_extraction(lsun_db, tmp_path, LsunSettings(size=32, part_size=10))
+    with pytest.raises(LsunError, match="other .*size"):
+        prepare_extraction(lsun_db, tmp_path, LsunSettings(size=64, part_size=10))
 
 
 def _shard_hashes(work: Path) -> dict[str, str]:
-    build_shards(work, maxcount=16)
+    build_shards(work, ShardSettings(maxcount=16))
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((work / "shards").iterdir())}
 
 
 def test_killed_extraction_resumes_to_identical_shards(lsun_db: Path, tmp_path: Path) -> None:
     clean = tmp_path / "clean"
-    extract_lsun(lsun_db, clean, size=32, part_size=5, workers=1)
+    extract_lsun(lsun_db, clean, LsunSettings(size=32, part_size=5), workers=1)
     expected = _shard_hashes(clean)
 
     crashed = tmp_path / "crashed"
     script = (
         "import sys, time; from pathlib import Path\n"
         "import preprocessing.lsun as L\n"
+        "from preprocessing.settings import LsunSettings\n"
         "orig = L.extract_partition\n"
         "def slow(*a, **k):\n"
         "    r = orig(*a, **k); time.sleep(0.4); return r\n"
         "L.extract_partition = slow\n"
-        f"L.extract_lsun({str(lsun_db)!r}, Path({str(crashed)!r}), size=32, part_size=5, workers=1)\n"
+        f"L.extract_lsun({str(lsun_db)!r}, Path({str(crashed)!r}), LsunSettings(size=32, part_size=5), workers=1)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     out = crashed / "extract" / "bedroom_train"
@@ -127,7 +129,7 @@ def test_killed_extraction_resumes_to_identical_shards(lsun_db: Path, tmp_path: 
     assert 3 <= done < 13, "the kill must land mid-run"
     assert not (out / "manifest.parquet").exists()
 
-    manifest = extract_lsun(lsun_db, crashed, size=32, part_size=5, workers=2)
+    manifest = extract_lsun(lsun_db, crashed, LsunSettings(size=32, part_size=5), workers=2)
     assert manifest.num_rows == 65 and len(set(manifest.column("key").to_pylist())) == 65
     assert not list(out.glob(".*tmp*")), "temporary files are cleaned up or replaced"
     assert _shard_hashes(crashed) == expected

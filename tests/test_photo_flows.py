@@ -59,7 +59,7 @@ def test_faces_cli_bad_inputs_exit_cleanly(tmp_path: Path) -> None:
     result = runner.invoke(
         app, ["faces", "--photos", str(CELEBA), "--work", str(tmp_path / "w"), "--detector", "yunet"]
     )
-    assert result.exit_code == 2 and "needs --model" in result.output
+    assert result.exit_code == 2 and "needs model" in result.output
     assert not (tmp_path / "w").exists()
 
 

@@ -16,16 +16,18 @@ from conftest import CELEBA, SHARED, celeba_jpegs, encode
 from PIL import Image
 
 from preprocessing.faces import DetectorConfig, DetectorError, FaceDetector
-from preprocessing.photo_stages import StageError, face_settings, ingest_settings, run_photo_stage
+from preprocessing.photo_stages import StageError, run_photo_stage
 from preprocessing.photos import PhotoSourceError, open_source
+from preprocessing.settings import FacesSettings, IngestSettings, SettingsError, parse_settings
 from preprocessing.tar_shards import iter_samples
 
+INGEST32 = IngestSettings(size=32, max_pixels=8_000_000)
 YUNET = SHARED / "models" / "yunet" / "face_detection_yunet_2023mar.onnx"
 TINY_IMAGENET_VAL = SHARED / "data" / "tinyimagenet" / "val-2k.parquet"
 
 
-def yunet(min_face: int = 64) -> DetectorConfig:
-    return DetectorConfig(kind="yunet", model=str(YUNET), min_face=min_face)
+def yunet(part_size: int = 1000) -> FacesSettings:
+    return FacesSettings(detector="yunet", model=str(YUNET), max_pixels=8_000_000, part_size=part_size)
 
 
 def _rotated_with_exif(jpeg: bytes) -> bytes:
@@ -88,8 +90,8 @@ def _outcomes(manifest: pa.Table) -> dict[str, str]:
 
 
 def test_faces_stage_accounts_for_every_photo(photo_folder: Path, tmp_path: Path) -> None:
-    settings = face_settings(64, yunet(), 0.25, 8_000_000)
-    manifest = run_photo_stage(photo_folder, tmp_path, "faces_scraped", settings, part_size=4, workers=2)
+    settings = yunet(part_size=4)
+    manifest = run_photo_stage(photo_folder, tmp_path, "faces_scraped", settings, workers=2)
     assert _outcomes(manifest) == EXPECTED
     ok = manifest.filter(pa.compute.equal(manifest["status"], "ok")).to_pylist()
     assert Counter(r["photo_path"] for r in ok) == Counter({p: 1 for p, v in EXPECTED.items() if v == "ok"})
@@ -113,9 +115,9 @@ def test_tar_input_gives_the_same_keys_as_the_folder(photo_folder: Path, tmp_pat
         for f in sorted(photo_folder.rglob("*")):
             if f.is_file():
                 tar.add(f, arcname=f.relative_to(photo_folder).as_posix())
-    settings = face_settings(64, yunet(), 0.25, 8_000_000)
-    from_tar = run_photo_stage(tar_path, tmp_path / "t", "faces_tar", settings, part_size=5, workers=1)
-    from_dir = run_photo_stage(photo_folder, tmp_path / "d", "faces_dir", settings, part_size=5, workers=1)
+    settings = yunet(part_size=5)
+    from_tar = run_photo_stage(tar_path, tmp_path / "t", "faces_tar", settings, workers=1)
+    from_dir = run_photo_stage(photo_folder, tmp_path / "d", "faces_dir", settings, workers=1)
     assert sorted(from_tar["key"].to_pylist()) == sorted(from_dir["key"].to_pylist())
     assert _outcomes(from_tar) == EXPECTED
 
@@ -123,7 +125,7 @@ def test_tar_input_gives_the_same_keys_as_the_folder(photo_folder: Path, tmp_pat
 def test_haar_works_offline_and_finds_celeba_faces(tmp_path: Path) -> None:
     table = pq.read_table(CELEBA).slice(0, 24)
     pq.write_table(table, tmp_path / "celeba.parquet")
-    settings = face_settings(64, DetectorConfig(), 0.25, 8_000_000)
+    settings = FacesSettings(max_pixels=8_000_000)
     manifest = run_photo_stage(tmp_path / "celeba.parquet", tmp_path, "faces_celeba", settings, workers=1)
     ok = manifest.filter(pa.compute.equal(manifest["status"], "ok"))
     assert len(set(ok["photo_key"].to_pylist())) >= 20  # one face per aligned CelebA photo, nearly always
@@ -133,8 +135,10 @@ def test_haar_works_offline_and_finds_celeba_faces(tmp_path: Path) -> None:
 def test_detector_downscale_keeps_boxes_in_source_pixels() -> None:
     rgb = np.asarray(Image.open(io.BytesIO(celeba_jpegs(1)[0])).convert("RGB"))
     big = np.asarray(Image.fromarray(rgb).resize((178 * 4, 218 * 4), Image.BICUBIC))
-    small_faces = FaceDetector(yunet(min_face=32)).detect(rgb)
-    big_faces = FaceDetector(yunet(min_face=128)).detect(big)  # detected at 1/4 scale
+    small_faces = FaceDetector(DetectorConfig(kind="yunet", model=str(YUNET), min_face=32)).detect(rgb)
+    big_faces = FaceDetector(DetectorConfig(kind="yunet", model=str(YUNET), min_face=128)).detect(
+        big
+    )  # detected at 1/4 scale
     assert len(small_faces) == len(big_faces) == 1
     a, b = small_faces[0], big_faces[0]
     assert abs(b.x / 4 - a.x) < 6 and abs(b.w / 4 - a.w) < 8
@@ -155,14 +159,14 @@ def test_detector_errors_are_clear(tmp_path: Path) -> None:
 def test_table_without_expected_columns_is_a_clear_error(tmp_path: Path) -> None:
     pq.write_table(pa.table({"id": [1], "pixels": [b"x"]}), tmp_path / "bad.parquet")
     with pytest.raises(PhotoSourceError, match=r"lacks column\(s\) \['image', 'key'\]"):
-        run_photo_stage(tmp_path / "bad.parquet", tmp_path / "w", "x", ingest_settings(32, 8_000_000), workers=1)
+        run_photo_stage(tmp_path / "bad.parquet", tmp_path / "w", "x", INGEST32, workers=1)
     assert not (tmp_path / "w" / "extract" / "x").exists()
 
 
 def test_empty_folder_and_missing_path_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(PhotoSourceError, match="holds no files"):
-        run_photo_stage(tmp_path / "empty", tmp_path / "w", "x", ingest_settings(32, 8_000_000), workers=1)
+        run_photo_stage(tmp_path / "empty", tmp_path / "w", "x", INGEST32, workers=1)
     with pytest.raises(PhotoSourceError, match="not found"):
         open_source(tmp_path / "nowhere")
 
@@ -174,7 +178,7 @@ def test_ingest_folder_tree_keeps_class_labels(tmp_path: Path) -> None:
         for i in range(3):
             encoded = encode(Image.new("RGB", (48 + i, 64), (shade, shade, shade)), "JPEG", quality=95)
             (root / cls / f"{i}.jpg").write_bytes(encoded)
-    manifest = run_photo_stage(root, tmp_path / "w", "images_imgs", ingest_settings(32, 8_000_000), workers=1)
+    manifest = run_photo_stage(root, tmp_path / "w", "images_imgs", INGEST32, workers=1)
     assert Counter(manifest["label"].to_pylist()) == {"cat": 3, "dog": 3}
     samples = [s for tar in (tmp_path / "w" / "extract" / "images_imgs").glob("part-*.tar") for s in iter_samples(tar)]
     assert len(samples) == 6
@@ -188,23 +192,27 @@ def test_ingest_folder_tree_keeps_class_labels(tmp_path: Path) -> None:
 def test_ingest_tiny_imagenet_table_keeps_labels(tmp_path: Path) -> None:
     table = pq.read_table(TINY_IMAGENET_VAL).slice(0, 30)
     pq.write_table(table, tmp_path / "val.parquet")
-    manifest = run_photo_stage(
-        tmp_path / "val.parquet", tmp_path / "w", "tin", ingest_settings(32, 8_000_000), workers=1
-    )
+    manifest = run_photo_stage(tmp_path / "val.parquet", tmp_path / "w", "tin", INGEST32, workers=1)
     assert manifest.num_rows == 30 and set(manifest["status"].to_pylist()) == {"ok"}
     assert manifest["label"].to_pylist() == [str(v) for v in table["label"].to_pylist()]
 
 
 def test_rerun_with_other_settings_is_refused(photo_folder: Path, tmp_path: Path) -> None:
-    run_photo_stage(photo_folder, tmp_path, "x", ingest_settings(32, 8_000_000), workers=1)
+    run_photo_stage(photo_folder, tmp_path, "x", INGEST32, workers=1)
     with pytest.raises(StageError, match="other .*size"):
-        run_photo_stage(photo_folder, tmp_path, "x", ingest_settings(64, 8_000_000), workers=1)
+        run_photo_stage(photo_folder, tmp_path, "x", IngestSettings(size=64, max_pixels=8_000_000), workers=1)
 
 
-def test_invalid_stage_parameters_are_refused() -> None:
-    with pytest.raises(StageError):
-        ingest_settings(4, 1000)
-    with pytest.raises(StageError):
-        face_settings(64, DetectorConfig(), 2.0, 1000)
-    with pytest.raises(DetectorError):
-        face_settings(64, DetectorConfig(min_face=2), 0.2, 1000)
+@pytest.mark.parametrize(
+    ("model", "values", "field"),
+    [
+        (IngestSettings, {"size": 4}, "size"),
+        (FacesSettings, {"margin": 2.0}, "margin"),
+        (FacesSettings, {"min_face": 2}, "min_face"),
+        (FacesSettings, {"detector": "yunet"}, "model"),
+        (FacesSettings, {"model": "/nowhere/yunet.onnx"}, "model"),
+    ],
+)
+def test_invalid_stage_parameters_are_refused(model: type, values: dict, field: str) -> None:
+    with pytest.raises(SettingsError, match=field):
+        parse_settings(model, values, "stage settings")

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from preprocessing.settings import SettingsError, ShardSettings, parse_settings
 from preprocessing.sharding import ShardError, build_shards, read_index
 from preprocessing.tar_shards import TarShardWriter, iter_samples
 
@@ -42,29 +43,29 @@ def test_stock_webdataset_reads_every_kept_sample_once(shards_dir: Path, extract
 
 def test_shuffle_is_seeded_and_deterministic(work: Path) -> None:
     def order(seed: int) -> list[str]:
-        build_shards(work, maxcount=100, seed=seed)
+        build_shards(work, ShardSettings(maxcount=100, seed=seed))
         return [k for k, _ in iter_samples(work / "shards" / "train-000000.tar")]
 
     a, b, c = order(1), order(1), order(2)
     assert a == b and a != c and sorted(a) == sorted(c)
     first = (work / "shards" / "train-000000.tar").read_bytes()
     shutil.rmtree(work / "shards")
-    build_shards(work, maxcount=100, seed=2)
+    build_shards(work, ShardSettings(maxcount=100, seed=2))
     assert (work / "shards" / "train-000000.tar").read_bytes() == first  # byte-identical rebuild
 
 
 def test_unchanged_inputs_skip_the_rebuild(work: Path) -> None:
-    build_shards(work, maxcount=30)
+    build_shards(work, ShardSettings(maxcount=30))
     mtime = (work / "shards" / "index.json").stat().st_mtime_ns
-    assert build_shards(work, maxcount=30)["total"] == 60
+    assert build_shards(work, ShardSettings(maxcount=30))["total"] == 60
     assert (work / "shards" / "index.json").stat().st_mtime_ns == mtime
     (work / "shards" / "train-000001.tar").unlink()  # a damaged set is rebuilt
-    build_shards(work, maxcount=30)
+    build_shards(work, ShardSettings(maxcount=30))
     assert (work / "shards" / "train-000001.tar").exists()
 
 
 def test_maxsize_splits_shards(work: Path) -> None:
-    index = build_shards(work, maxsize=20_000)
+    index = build_shards(work, ShardSettings(maxsize=20_000))
     assert len(index["shardlist"]) > 2 and sum(s["nsamples"] for s in index["shardlist"]) == 60
     assert all(s["filesize"] < 40_000 for s in index["shardlist"])
 
@@ -81,9 +82,9 @@ def test_dedup_keep_flags_are_honoured(work: Path) -> None:
 
 
 def test_rebuild_replaces_the_whole_set(work: Path) -> None:
-    build_shards(work, maxcount=10)
+    build_shards(work, ShardSettings(maxcount=10))
     assert len(list((work / "shards").glob("*.tar"))) == 6
-    build_shards(work, maxcount=30)
+    build_shards(work, ShardSettings(maxcount=30))
     assert sorted(p.name for p in (work / "shards").iterdir()) == ["index.json", "train-000000.tar", "train-000001.tar"]
     assert not list(work.glob(".shards*"))
 
@@ -94,9 +95,10 @@ def test_no_extracted_data_is_a_clear_error(tmp_path: Path) -> None:
     assert not (tmp_path / "shards").exists()
 
 
-def test_bad_limits_are_refused(work: Path) -> None:
-    with pytest.raises(ShardError):
-        build_shards(work, maxcount=0)
+@pytest.mark.parametrize("values", [{"maxcount": 0}, {"maxsize": 100}])
+def test_bad_limits_are_refused(values: dict) -> None:
+    with pytest.raises(SettingsError, match=next(iter(values))):
+        parse_settings(ShardSettings, values, "shard settings")
 
 
 def test_sources_of_different_sizes_are_refused(work: Path) -> None:

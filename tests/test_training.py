@@ -255,12 +255,12 @@ def test_train_flow_runs_data_parallel_under_torchrun(prefect_api: None, shards_
     """The flow launches torchrun, streams the ranks' logs and publishes the result."""
     import shutil
 
+    from dcgan.settings import TrainSettings
     from flows.train import train_flow
 
     work = tmp_path / "work"
     shutil.copytree(shards_dir, work / "shards")
-    r = train_flow(
-        str(work), steps=2, resolution=32, batch_size=8, device="cpu", ngf=8, ndf=8, run="ddp", nproc_per_node=2
-    )
+    settings = TrainSettings(steps=2, resolution=32, batch_size=8, device="cpu", ngf=8, ndf=8, nproc_per_node=2)
+    r = train_flow(str(work), settings, run="ddp")
     assert r["world_size"] == 2 and r["steps"] == 2 and r["step_path"] == "fp32, eager"
     assert (work / "reports" / "train-ddp.md").read_text().count("8 x 2") == 1

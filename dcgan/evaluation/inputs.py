@@ -18,6 +18,7 @@ from dcgan.evaluation.inception import load_inception
 from dcgan.evaluation.runs import load_run
 from dcgan.evaluation.sample_sheet import SHEET_SIZE
 from dcgan.evaluation.svhn import SVHN_FILES, check_svhn_mat
+from dcgan.settings import EvaluateSettings
 
 
 @dataclass
@@ -30,17 +31,17 @@ class CheckedInputs:
 
 def check_inputs(
     run: Path,
+    settings: EvaluateSettings,
     *,
     checkpoint: Path | None = None,
-    cifar10: Path | None = None,
-    svhn: Path | None = None,
-    inception: Path | None = None,
     arithmetic: str | None = None,
     expression: str | None = None,
     boxes: Path | None = None,
 ) -> CheckedInputs:
     """Raise a clear EvaluationError/CheckpointError for the first bad input; nothing is written."""
     cfg, *_ = load_run(Path(run), Path(checkpoint) if checkpoint else None)
+    cifar10, svhn = settings.cifar10, settings.svhn
+    inception = settings.inception
     if cifar10 is not None:
         for name in ("train.parquet", "test.parquet"):
             check_image_table(Path(cifar10) / name)

@@ -1,0 +1,99 @@
+"""Training and evaluation settings, declared once (see preprocessing.settings for the contract).
+
+Defaults follow Radford et al. (2015): Adam(lr 2e-4, beta1 0.5), batch 128, z of 100
+dimensions uniform in [-1, 1]. The fast-path switches apply on CUDA only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from preprocessing.settings import Device, ExistingDir, ExistingFile, Settings
+
+RESOLUTIONS = (32, 64, 128)
+
+
+class TrainSettings(Settings):
+    """One DCGAN training run."""
+
+    steps: int = Field(1000, ge=1, description="total training steps")
+    resolution: int = Field(64, description="32, 64 or 128 px; must match the shards", examples=[32])
+    batch_size: int = Field(128, ge=1, description="batch size per process (global: x nproc_per_node)")
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate (a new value on resume wins)")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1")
+    nz: int = Field(100, ge=1, description="dimensions of z")
+    ngf: int = Field(64, ge=1, description="generator width")
+    ndf: int = Field(64, ge=1, description="discriminator width")
+    noise: Literal["uniform", "normal"] = Field("uniform", description="prior of z: uniform in [-1, 1] (the paper)")
+    discriminator: Literal["dcgan", "imagenet32"] = Field(
+        "dcgan", description="dcgan, or imagenet32 (the paper's 32 px CIFAR-10 feature D)"
+    )
+    seed: int = Field(0, description="seed of weights, batches and noise (training is a function of it)")
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N")
+    log_every: int = Field(50, ge=1, description="steps between metric lines")
+    sample_every: int = Field(500, ge=1, description="steps between sample grids")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept (plus best.pt)")
+    cache_gb: float = Field(8.0, ge=0, description="decoded-cache budget in GiB; above it, stream the shards")
+    workers: int = Field(2, ge=0, description="DataLoader workers when streaming shards")
+    deterministic: bool = Field(False, description="deterministic CUDA kernels (slower)")
+    loop: Literal["fast", "textbook"] = Field("fast", description="fast, or textbook (pytorch/examples' loop)")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast on CUDA, or fp32")
+    channels_last: bool = Field(True, description="channels_last layout on CUDA")
+    fused_adam: bool = Field(True, description="fused Adam on CUDA")
+    cuda_graphs: bool = Field(True, description="capture the whole step as a CUDA graph (single process)")
+    gpu_cache: bool = Field(True, description="decoded images in GPU memory when they fit cache_gb")
+    best_images: int = Field(512, ge=0, description="SWD samples per checkpoint to keep best.pt (0: off)")
+    on_nan: Literal["rollback", "stop"] = Field(
+        "rollback", description="rollback (to the last checkpoint, lowering lr) or stop"
+    )
+    nan_lr_factor: float = Field(0.5, gt=0, lt=1, description="learning-rate factor at each NaN rollback")
+    max_rollbacks: int = Field(3, ge=0, description="NaN rollbacks before training stops")
+    tensorboard: bool = Field(True, description="write TensorBoard events to RUN/tensorboard")
+    nproc_per_node: int = Field(1, ge=1, description="data-parallel processes under torchrun (one per GPU)")
+
+    @field_validator("resolution")
+    @classmethod
+    def _known_resolution(cls, value: int) -> int:
+        if value not in RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {RESOLUTIONS}, got {value}")
+        return value
+
+    @field_validator("best_images")
+    @classmethod
+    def _swd_needs_two(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("best_images must be 0 (off) or >= 2, got 1")
+        return value
+
+    @field_validator("discriminator")
+    @classmethod
+    def _discriminator_fits_resolution(cls, value: str, info: ValidationInfo) -> str:
+        resolution = info.data.get("resolution")  # declared above, so already validated
+        if value == "imagenet32" and resolution not in (None, 32):
+            raise ValueError(f"the imagenet32 discriminator trains at resolution 32, not {resolution}")
+        return value
+
+
+class EvaluateSettings(Settings):
+    """Evaluation of a run: sample quality and visualisations always; the paper's protocols when given data."""
+
+    cifar10: ExistingDir = Field(None, description="folder with CIFAR-10 train.parquet and test.parquet")
+    svhn: ExistingDir = Field(None, description="folder with SVHN train_32x32.mat and test_32x32.mat")
+    limit_train: int | None = Field(
+        None, ge=1, description="CIFAR-10: a seeded subset of the training images", examples=[100]
+    )
+    limit_test: int | None = Field(
+        None, ge=1, description="CIFAR-10: a seeded subset of the test images", examples=[50]
+    )
+    svhn_draws: int = Field(10, ge=1, description="SVHN: draws of the 1000 labelled images")
+    swd_images: int = Field(2048, ge=16, description="generated and training images for SWD, FID and KID")
+    guided_images: int = Field(512, ge=1, description="training images ranked for guided backpropagation")
+    inception: ExistingFile = Field(
+        None,
+        description="local Inception-v3 weights for FID/KID, never downloaded: pytorch-fid's "
+        "pt_inception-2015-12-05-*.pth (the FID network) or torchvision's inception_v3_google-*.pth",
+    )
+    device: Device = Field("auto", description="auto, cpu, cuda or cuda:N, for features and generation")

@@ -1,0 +1,52 @@
+"""Command-line options generated from a settings model: one `--field` per field, nothing written twice.
+
+`with_settings(Model)` turns `def cmd(work, ..., settings: Model)` into a typer command whose
+signature also holds an option per field of `Model`, with the field's type, default and
+description; the values are validated as `Model` (a SettingsError names the field).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from pydantic import BaseModel
+
+from preprocessing.settings import parse_settings
+
+
+def _option(name: str, field: Any) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    decls = [f"{flag}/--no-{flag[2:]}"] if field.annotation is bool else [flag]
+    option = typer.Option(*decls, help=field.description or "", show_default=True)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=Annotated[field.annotation, option]
+    )
+
+
+def with_settings(model: type[BaseModel], where: str | None = None) -> Callable[[Callable[..., Any]], Callable]:
+    """Decorate a command taking `settings: model`; the CLI gets one option per field instead."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        own = inspect.signature(command, eval_str=True)
+        hints = {n: p.annotation for n, p in own.parameters.items() if n != "settings"}
+        fields = [_option(n, f) for n, f in model.model_fields.items()]
+        clash = set(hints) & set(model.model_fields)
+        if clash:
+            raise TypeError(f"{command.__name__}: parameters {sorted(clash)} clash with {model.__name__} fields")
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {n: kwargs.pop(n) for n in model.model_fields}
+            settings = parse_settings(model, values, where or f"{command.__name__} settings")
+            return command(**kwargs, settings=settings)
+
+        params = [p for n, p in own.parameters.items() if n != "settings"]
+        wrapper.__signature__ = own.replace(parameters=params + fields)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in fields}}
+        return wrapper
+
+    return decorate
