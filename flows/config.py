@@ -61,7 +61,7 @@ class ImagesSource(IngestSettings):
 
 
 Source = Annotated[LsunSource | DemoSource | FacesSource | ImagesSource, Field(discriminator="type")]
-_FROM_EXTRACT = ("size", "max_pixels")  # set once in extract:, copied into every photo source
+FROM_EXTRACT = ("size", "max_pixels")  # set once in extract:, copied into every photo source
 
 
 class PipelineDedup(DedupSettings):
@@ -102,7 +102,7 @@ class PipelineConfig(Settings):
         sources = []
         for i, src in enumerate(data.get("sources") or []):
             if isinstance(src, dict) and src.get("type") in ("faces", "images"):
-                given = sorted(set(src) & set(_FROM_EXTRACT))
+                given = sorted(set(src) & set(FROM_EXTRACT))
                 if given:
                     raise ValueError(f"sources.{i}: {', '.join(given)} are set once for every source, in extract:")
                 src = {**src, **shared}

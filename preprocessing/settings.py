@@ -80,7 +80,7 @@ def _device(value: str) -> str:
 
 
 # Whether CUDA exists is checked when a run starts, on the machine that runs it (dcgan.distributed.device_for).
-Device = Annotated[str, AfterValidator(_device), Field(examples=["cpu"])]
+Device = Annotated[str, AfterValidator(_device), Field(examples=["cpu", "auto"])]
 
 CropSize = Annotated[int, Field(ge=8, le=1024)]
 MaxPixels = Annotated[int, Field(ge=1)]

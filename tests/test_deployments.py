@@ -136,6 +136,15 @@ def test_server_deploy_run_down(tmp_path: Path) -> None:
         assert index["total"] > 0
         assert list(work.glob("train/*/checkpoints/*.pt"))
         assert (work / "report.md").read_text().strip()
+
+        # One stage rerun with a settings override as JSON, validated by the server against the model's schema.
+        rerun = ["prefect", "deployment", "run", "shard/shard", "--param", f"work={work}", "--watch"]
+        bad = _run([*rerun, "--param", 'settings={"maxcount": 0}'], cli_env, timeout=120)
+        assert bad.returncode != 0 and "maxcount" in bad.stdout + bad.stderr
+        good = _run([*rerun, "--param", 'settings={"maxcount": 40}'], cli_env, timeout=300)
+        assert good.returncode == 0, good.stdout[-2000:] + worker_log.read_text()[-4000:]
+        index = json.loads((work / "shards" / "index.json").read_text())
+        assert len(index["shardlist"]) > 1 and max(s["nsamples"] for s in index["shardlist"]) == 40
     finally:
         down = _run([str(SCRIPT), "down"], env, timeout=180)
         deadline = time.monotonic() + 10

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import DEMO_CONFIG, app
-from flows.pipeline import load_config
+from flows.config import load_config
 from preprocessing.lsun import open_env, write_lsun_lmdb
 from preprocessing.tar_shards import iter_samples
 
