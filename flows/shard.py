@@ -31,13 +31,15 @@ def _shard_outputs(inputs: dict) -> list[Path]:
     retries=1,
     retry_condition_fn=retry_unless_user_error,
 )
-def write_shards(work: str, settings: ShardSettings) -> dict:
+def write_shards(work: str, settings: ShardSettings, rebuild: bool = False) -> dict:
     t0 = time.perf_counter()
-    index = build_shards(Path(work), settings)
+    index = build_shards(Path(work), settings, rebuild=rebuild)
     rate = index["total"] / max(time.perf_counter() - t0, 1e-9)
     md = "# Shards\n\n" + table(
         [
+            ("version", index["version"]),
             ("samples", index["total"]),
+            ("samples added by this version", index["added"]),
             ("shards", len(index["shardlist"])),
             ("resolution", index["resolution"]),
             ("seed", settings.seed),
@@ -55,6 +57,8 @@ def write_shards(work: str, settings: ShardSettings) -> dict:
         "total": index["total"],
         "count": len(index["shardlist"]),
         "resolution": index["resolution"],
+        "version": index["version"],
+        "added": index["added"],
     }
 
 
@@ -62,4 +66,4 @@ def write_shards(work: str, settings: ShardSettings) -> dict:
 def shard_flow(work: str, settings: ShardSettings = ShardSettings(), refresh: bool = False) -> dict:
     """Write `work/shards/` from every extracted source (honouring dedup keep flags unless settings.dedup is off)."""
     task_ = write_shards.with_options(refresh_cache=True) if refresh else write_shards
-    return task_(work, settings)
+    return task_(work, settings, rebuild=refresh)

@@ -14,14 +14,16 @@ import logging
 import os
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocessing.atomic import atomic_write_json
+from preprocessing.atomic import atomic_write_json, atomic_write_with
 from preprocessing.errors import UserError
 from preprocessing.images import SAMPLE_EXT
 from preprocessing.settings import ShardSettings
@@ -30,6 +32,8 @@ from preprocessing.tar_shards import Member, TarShardWriter, index_tar, read_mem
 log = logging.getLogger(__name__)
 
 INDEX_KIND = "wids-shard-index-v1"
+SAMPLES = "samples.parquet"  # every sample key with its shard and the version that added it
+VERSIONS = "versions.json"  # one entry per version: time, samples added, totals per source, fingerprint
 
 
 class ShardError(UserError):
@@ -78,11 +82,15 @@ def _source_items(src_dir: Path, codes: Path | None) -> tuple[int, list[Item]]:
     return int(plan["settings"]["size"]), items
 
 
-def build_shards(work: Path, settings: ShardSettings | None = None) -> dict:
-    """Write `work/shards/train-%06d.tar` + `index.json`; returns the index.
+def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: bool = False) -> dict:
+    """Write `work/shards/train-%06d.tar` + `index.json` as a new version when the kept set grew; returns the index.
 
     With `settings.dedup` (the default) the items that dedup did not keep are left out when
     `work/dedup/codes.parquet` exists; without it the keep flags are ignored, never deleted.
+    When every sample of the current version is still kept and the settings are the same, only
+    the new samples are written, into new shard files (old files keep their names and bytes);
+    otherwise, or with `rebuild`, the whole set is rewritten. Either way the version goes up by
+    one and `versions.json` records it; no new samples means no new version.
     """
     settings = settings or ShardSettings()
     maxcount, maxsize, seed = settings.maxcount, settings.maxsize, settings.seed
@@ -97,11 +105,9 @@ def build_shards(work: Path, settings: ShardSettings | None = None) -> dict:
     digest = hashlib.sha256(f"{maxcount}:{maxsize}:{seed}".encode())
     items: list[Item] = []
     sizes: dict[str, int] = {}
-    counts: dict[str, int] = {}
     for src in sources:
         size, src_items = _source_items(src, codes)
         sizes[src.name] = size
-        counts[src.name] = len(src_items)
         items += [(f"{src.name}/{key}", tar, image, meta) for key, tar, image, meta in src_items]
         digest.update((src / "manifest.parquet").read_bytes())
     if codes is not None:
@@ -113,14 +119,48 @@ def build_shards(work: Path, settings: ShardSettings | None = None) -> dict:
     resolution = sizes[sources[0].name]
     final = work / "shards"
     current = _current_index(final)
-    if current is not None and current["fingerprint"] == digest.hexdigest():
-        log.info("shards in %s are up to date", final)
-        return current
-    order = np.random.default_rng(seed).permutation(len(items))
+    if current is not None and not rebuild and current["fingerprint"] == digest.hexdigest():
+        log.info("shards in %s are up to date (version %d)", final, current["version"])
+        return {**current, "added": 0}
+    previous = None if rebuild else _previous_samples(final, current, settings, resolution)
+    if previous is not None and previous.keys() <= {i[0] for i in items}:
+        new = [i for i in items if i[0] not in previous]
+        if not new:
+            log.info("shards in %s: no new samples, version %d stays", final, current["version"])
+            return {**current, "added": 0}
+        index = _append_version(final, current, new, settings, digest.hexdigest())
+    else:
+        if current is None:
+            reason = "first version"
+        elif rebuild:
+            reason = "rebuild asked for"
+        else:
+            reason = "rebuild: the kept set lost samples or the settings changed"
+        index = _write_version(work, final, current, items, settings, resolution, digest.hexdigest(), reason)
+    log.info(
+        "shards version %d: %d samples (%d new) in %d shards at %s (%.1f s)",
+        index["version"],
+        index["total"],
+        index["added"],
+        len(index["shardlist"]),
+        final,
+        time.perf_counter() - t0,
+    )
+    return index
 
-    tmp = work / f".shards.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def _previous_samples(final: Path, current: dict | None, settings: ShardSettings, resolution: int) -> dict | None:
+    """{sample key: version} of the current shards when new samples can be appended to them, else None."""
+    same = {"seed": settings.seed, "maxcount": settings.maxcount, "maxsize": settings.maxsize, "resolution": resolution}
+    if current is None or any(current.get(k) != v for k, v in same.items()) or not (final / SAMPLES).exists():
+        return None
+    table = pq.read_table(final / SAMPLES, columns=["key", "version"])
+    return dict(zip(table["key"].to_pylist(), table["version"].to_pylist(), strict=True))
+
+
+def _write_shards(folder: Path, items: list[Item], start: int, settings: ShardSettings, seed: int) -> list[dict]:
+    """Shuffle `items` with `seed` into `train-<start + i>.tar` files in `folder`; each file appears complete."""
+    order = np.random.default_rng(seed).permutation(len(items))
     shardlist: list[dict] = []
     handles: dict[str, BinaryIO] = {}
     writer: TarShardWriter | None = None
@@ -128,11 +168,11 @@ def build_shards(work: Path, settings: ShardSettings | None = None) -> dict:
     try:
         for pos in order:
             key, tar, image, meta = items[pos]
-            if writer is None or writer.count >= maxcount or written >= maxsize:
+            if writer is None or writer.count >= settings.maxcount or written >= settings.maxsize:
                 if writer is not None:
                     writer.close()
-                    shardlist.append({"url": writer.path.name, "nsamples": writer.count})
-                writer = TarShardWriter(tmp / f"train-{len(shardlist):06d}.tar")
+                    shardlist.append({"url": writer.path.name, "nsamples": writer.count, "keys": sorted(writer.keys)})
+                writer = TarShardWriter(folder / f"train-{start + len(shardlist):06d}.tar")
                 written = 0
             if tar not in handles:
                 handles[tar] = open(tar, "rb")  # noqa: SIM115 - closed in finally
@@ -141,33 +181,122 @@ def build_shards(work: Path, settings: ShardSettings | None = None) -> dict:
             written += image.size + meta.size + 1024
         assert writer is not None
         writer.close()
-        shardlist.append({"url": writer.path.name, "nsamples": writer.count})
+        shardlist.append({"url": writer.path.name, "nsamples": writer.count, "keys": sorted(writer.keys)})
     except BaseException:
         if writer is not None:
             writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
         for fh in handles.values():
             fh.close()
     for entry in shardlist:
-        entry["filesize"] = (tmp / entry["url"]).stat().st_size
-    index = {
-        "__kind__": INDEX_KIND,
-        "wids_version": 1,
-        "name": "train",
-        "shardlist": shardlist,
-        "total": len(items),
-        "resolution": resolution,
-        "sources": counts,
-        "seed": seed,
-        "fingerprint": digest.hexdigest(),
-    }
-    atomic_write_json(tmp / "index.json", index)
-    _swap_dir(tmp, final)
-    log.info(
-        "wrote %d samples in %d shards to %s (%.1f s)", len(items), len(shardlist), final, time.perf_counter() - t0
+        entry["filesize"] = (folder / entry["url"]).stat().st_size
+    return shardlist
+
+
+def _counts(keys: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for key in keys:
+        source = key.split("/", 1)[0]
+        counts[source] = counts.get(source, 0) + 1
+    return counts
+
+
+def _finish(
+    folder: Path, index: dict, shardlist: list[dict], previous: pa.Table | None, history: list[dict], start: int
+) -> dict:
+    """Write samples.parquet, versions.json and last index.json (the commit point) into `folder`."""
+    version = index["version"]
+    rows = [(k, i + start, version) for i, e in enumerate(shardlist) for k in e["keys"]]
+    added = pa.table(
+        {
+            "key": pa.array([r[0] for r in rows], pa.string()),
+            "shard": pa.array([r[1] for r in rows], pa.int32()),
+            "version": pa.array([r[2] for r in rows], pa.int32()),
+        }
     )
+    samples = added if previous is None else pa.concat_tables([previous, added])
+    atomic_write_with(folder / SAMPLES, lambda tmp: pq.write_table(samples, tmp))
+    history = [
+        *history,
+        {
+            "version": version,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "added": len(rows),
+            "added_per_source": _counts([r[0] for r in rows]),
+            "total": index["total"],
+            "per_source": index["sources"],
+            "fingerprint": index["fingerprint"],
+            "rebuild": previous is None and version > 1,
+        },
+    ]
+    atomic_write_json(folder / VERSIONS, history)
+    atomic_write_json(folder / "index.json", index)
+    return {**index, "added": len(rows)}
+
+
+def _versions(folder: Path) -> list[dict]:
+    path = folder / VERSIONS
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _append_version(final: Path, current: dict, new: list[Item], settings: ShardSettings, fingerprint: str) -> dict:
+    """New samples into new shard files beside the old ones; index.json, written last, commits them."""
+    version = current["version"] + 1
+    start = len(current["shardlist"])
+    shardlist = _write_shards(final, new, start, settings, seed=settings.seed + version)
+    keys = [k for e in shardlist for k in e["keys"]]
+    sources = dict(current["sources"])
+    for source, n in _counts(keys).items():
+        sources[source] = sources.get(source, 0) + n
+    index = {
+        **current,
+        "shardlist": current["shardlist"] + [{k: v for k, v in e.items() if k != "keys"} for e in shardlist],
+        "total": current["total"] + len(keys),
+        "sources": sources,
+        "fingerprint": fingerprint,
+        "version": version,
+    }
+    return _finish(final, index, shardlist, pq.read_table(final / SAMPLES), _versions(final), start)
+
+
+def _write_version(
+    work: Path,
+    final: Path,
+    current: dict | None,
+    items: list[Item],
+    settings: ShardSettings,
+    resolution: int,
+    fingerprint: str,
+    reason: str,
+) -> dict:
+    """The whole set into a new directory swapped into place, so readers never see a mix."""
+    version = current["version"] + 1 if current is not None else 1
+    log.info("shards version %d: %s", version, reason)
+    tmp = work / f".shards.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shardlist = _write_shards(tmp, items, 0, settings, seed=settings.seed)
+        index = {
+            "__kind__": INDEX_KIND,
+            "wids_version": 1,
+            "name": "train",
+            "shardlist": [{k: v for k, v in e.items() if k != "keys"} for e in shardlist],
+            "total": len(items),
+            "resolution": resolution,
+            "sources": _counts([i[0] for i in items]),
+            "seed": settings.seed,
+            "maxcount": settings.maxcount,
+            "maxsize": settings.maxsize,
+            "fingerprint": fingerprint,
+            "version": version,
+        }
+        index = _finish(tmp, index, shardlist, None, _versions(final), 0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _swap_dir(tmp, final)
     return index
 
 
@@ -177,7 +306,9 @@ def _current_index(final: Path) -> dict | None:
         index = read_index(final)
     except (ShardError, ValueError):
         return None
-    return index if all((final / s["url"]).exists() for s in index["shardlist"]) else None
+    if not all((final / s["url"]).exists() for s in index["shardlist"]):
+        return None
+    return {"version": 1, **index}  # sets written before versions were recorded are version 1
 
 
 def _swap_dir(new: Path, final: Path) -> None:

@@ -85,7 +85,8 @@ def test_rebuild_replaces_the_whole_set(work: Path) -> None:
     build_shards(work, ShardSettings(maxcount=10))
     assert len(list((work / "shards").glob("*.tar"))) == 6
     build_shards(work, ShardSettings(maxcount=30))
-    assert sorted(p.name for p in (work / "shards").iterdir()) == ["index.json", "train-000000.tar", "train-000001.tar"]
+    names = ["index.json", "samples.parquet", "train-000000.tar", "train-000001.tar", "versions.json"]
+    assert sorted(p.name for p in (work / "shards").iterdir()) == names
     assert not list(work.glob(".shards*"))
 
 
@@ -150,3 +151,63 @@ def test_tar_writer_matches_tarfile_byte_for_byte(tmp_path: Path) -> None:
         w.write("a", {"json": b"1"})
         w.write("a", {"json": b"2"})
     assert not (tmp_path / "dup.tar").exists() and not list(tmp_path.glob(".dup.tar.tmp*"))
+
+
+def _hashes(shards: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(shards.glob("train-*.tar"))}
+
+
+def test_a_grown_set_appends_a_version_and_leaves_old_shards_alone(work: Path) -> None:
+    settings = ShardSettings(maxcount=25)
+    first = build_shards(work, settings)
+    before = _hashes(work / "shards")
+    assert first["version"] == 1 and list(before) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    shutil.copytree(work / "extract" / "photos_train", work / "extract" / "more")  # a new source arrives
+
+    second = build_shards(work, settings)
+    after = _hashes(work / "shards")
+    assert second["version"] == 2 and second["total"] == 120 and second["added"] == 60
+    assert {k: after[k] for k in before} == before  # same names, same bytes
+    assert len(after) == 6 and second["sources"] == {"photos_train": 60, "more": 60}
+    urls = [str(work / "shards" / s["url"]) for s in second["shardlist"]]
+    keys = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert len(keys) == len(set(keys)) == 120  # stock WebDataset reads every version
+    versions = json.loads((work / "shards" / "versions.json").read_text())
+    assert [(v["version"], v["added"], v["total"]) for v in versions] == [(1, 60, 60), (2, 60, 120)]
+    assert versions[1]["added_per_source"] == {"more": 60} and not versions[1]["rebuild"]
+    samples = pq.read_table(work / "shards" / "samples.parquet").to_pylist()
+    assert len(samples) == 120 and {r["version"] for r in samples if r["key"].startswith("more/")} == {2}
+
+    mtime = (work / "shards" / "index.json").stat().st_mtime_ns
+    assert build_shards(work, settings)["version"] == 2  # nothing new: no new version, nothing written
+    assert (work / "shards" / "index.json").stat().st_mtime_ns == mtime
+
+
+def test_an_append_killed_midway_ends_the_same_as_an_uninterrupted_one(work: Path, tmp_path: Path) -> None:
+    settings = ShardSettings(maxcount=25)
+    build_shards(work, settings)
+    shutil.copytree(work / "extract" / "photos_train", work / "extract" / "more")
+    clean = tmp_path / "clean"
+    shutil.copytree(work, clean)
+    build_shards(clean, settings)
+    (work / "shards" / "train-000003.tar").write_bytes(b"half a shard from a killed run")  # no index names it
+    build_shards(work, settings)
+    assert _hashes(work / "shards") == _hashes(clean / "shards")
+    assert pq.read_table(work / "shards" / "samples.parquet").equals(
+        pq.read_table(clean / "shards" / "samples.parquet")
+    )
+
+
+def test_a_set_that_lost_samples_is_rebuilt_as_a_new_version(work: Path) -> None:
+    build_shards(work, ShardSettings(maxcount=25))
+    keys = pq.read_table(work / "extract" / "photos_train" / "manifest.parquet")["key"].to_pylist()
+    codes = pa.table(
+        {"key": keys, "source": ["photos_train"] * len(keys), "keep": [i % 2 == 0 for i in range(len(keys))]}
+    )
+    (work / "dedup").mkdir()
+    pq.write_table(codes, work / "dedup" / "codes.parquet")
+    index = build_shards(work, ShardSettings(maxcount=25))
+    assert index["version"] == 2 and index["total"] == 30
+    versions = json.loads((work / "shards" / "versions.json").read_text())
+    assert [v["rebuild"] for v in versions] == [False, True]
+    assert build_shards(work, ShardSettings(maxcount=25), rebuild=True)["version"] == 3
