@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from preprocessing.settings import Device, ExistingDir, ExistingFile, Settings
 
@@ -53,6 +53,9 @@ class TrainSettings(Settings):
     max_rollbacks: int = Field(3, ge=0, description="NaN rollbacks before training stops")
     tensorboard: bool = Field(True, description="write TensorBoard events to RUN/tensorboard")
     nproc_per_node: int = Field(1, ge=1, description="data-parallel processes under torchrun (one per GPU)")
+    init_from: ExistingFile = Field(
+        None, description="start G and D from this checkpoint's weights (warm start; optimizers start fresh)"
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -75,6 +78,27 @@ class TrainSettings(Settings):
         if value == "imagenet32" and resolution not in (None, 32):
             raise ValueError(f"the imagenet32 discriminator trains at resolution 32, not {resolution}")
         return value
+
+
+class RetrainSettings(TrainSettings):
+    """A scheduled retrain: train a challenger on new data, compare it with the champion, promote only if better."""
+
+    metric: Literal["swd", "fid", "kid"] = Field(
+        "swd", description="comparison metric, lower is better (fid/kid need inception)"
+    )
+    margin: float = Field(
+        0.0, ge=0, lt=1, description="promote only if the challenger is lower by this share of the champion's value"
+    )
+    protocol_images: int = Field(1024, ge=16, description="reference images and samples of the fixed comparison")
+    inception: ExistingFile = Field(None, description="local Inception-v3 weights: FID and KID join the comparison")
+    warm_start: bool = Field(False, description="start the challenger from the champion's weights, not from scratch")
+    min_new_samples: int = Field(1, ge=1, description="retrain only when the shards gained at least this many samples")
+
+    @model_validator(mode="after")
+    def _inception_metrics_need_weights(self) -> RetrainSettings:
+        if self.metric in ("fid", "kid") and self.inception is None:
+            raise ValueError(f"metric {self.metric} needs inception: the path of local Inception-v3 weights")
+        return self
 
 
 class EvaluateSettings(Settings):

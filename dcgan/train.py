@@ -183,6 +183,20 @@ class Trainer:
         self.step = int(state["step"])
         self.runner = self.new_runner()
 
+    def warm_start(self, path: Path) -> None:
+        """Take G's and D's weights from another run's checkpoint; optimizers, step and noise start fresh."""
+        state = load_checkpoint(path)
+        saved = state.get("config", {})
+        clash = [k for k in ARCH_FIELDS if saved.get(k, TrainSettings.model_fields[k].default) != getattr(self.cfg, k)]
+        if clash:
+            raise CheckpointError(f"init_from {path} is another model ({', '.join(clash)} differ): cannot warm-start")
+        try:
+            self.G.load_state_dict(state["G"])
+            self.D.load_state_dict(state["D"])
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"init_from {path} does not fit the model: {exc}") from exc
+        self.runner = self.new_runner()
+
     def scale_lr(self, factor: float) -> float:
         for opt in (self.optG, self.optD):
             for group in opt.param_groups:
@@ -339,6 +353,9 @@ def _train(cfg: TrainConfig, world: World, resume: bool, progress: bool | None) 
         log.info("resumed %s at step %d", run_dir, trainer.step)
     elif list_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints: pass resume, or choose another run name")
+    elif cfg.init_from is not None:
+        trainer.warm_start(Path(cfg.init_from))
+        log.info("warm-started %s from %s", run_dir, cfg.init_from)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     elif trainer.device.type == "cuda":

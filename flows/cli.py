@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dcgan.settings import EvaluateSettings, TrainSettings
+from dcgan.settings import EvaluateSettings, RetrainSettings, TrainSettings
 from dedup.settings import DedupSettings
 from flows.options import with_settings
 from preprocessing.errors import UserError
@@ -246,6 +246,109 @@ def evaluate(
             f"SVHN: {r['svhn']['test_error_mean'] * 100:.2f}% +- {r['svhn']['test_error_std'] * 100:.2f}% test error"
         )
     typer.echo(f"report: {r['eval_dir']}/report.md")
+
+
+@app.command()
+@user_errors
+@with_settings(RetrainSettings, "retrain settings")
+def retrain(
+    work: Work,
+    settings: RetrainSettings,
+    force: Annotated[bool, typer.Option(help="train a challenger even if the champion saw these shards")] = False,
+) -> None:
+    """Train a challenger on grown shards; promote it only if it beats the champion on the fixed protocol.
+
+    Options not given are the champion's training settings (or the newest registered run's).
+    """
+    from flows.retrain import retrain_flow
+
+    r = retrain_flow(str(work), settings, force=force)
+    typer.echo(f"retrain: {r['decision']}: {r['reason']}")
+
+
+def _run_dir(work: Path, run: str) -> Path:
+    """`champion` (the registry's) or a run name -> its directory."""
+    from dcgan.registry import RegistryError, load_registry
+
+    registry = load_registry(work)
+    if run == "champion":
+        if registry.champion is None:
+            raise RegistryError(f"{work} has no champion yet: pass --run NAME, or run retrain / models --promote")
+        return Path(registry.runs[registry.champion].run_dir)
+    path = work / "train" / run
+    if not path.is_dir():
+        raise RegistryError(f"no run {run!r} under {work / 'train'}")
+    return path
+
+
+RunName = Annotated[str, typer.Option(help="run name under WORK/train, or champion (the registry's)")]
+
+
+@app.command()
+@user_errors
+def models(
+    work: Work,
+    promote: Annotated[str | None, typer.Option(help="make this registered run the champion by hand")] = None,
+    who: Annotated[str | None, typer.Option(help="with --promote: who decided")] = None,
+    why: Annotated[str | None, typer.Option(help="with --promote: why")] = None,
+) -> None:
+    """The model registry: every registered run with its dataset version and metrics, the champion marked."""
+    import getpass
+
+    from dcgan.registry import load_registry
+    from dcgan.registry import promote as promote_run
+
+    if promote is not None:
+        promote_run(work, promote, who or getpass.getuser(), why or "")
+    registry = load_registry(work)
+    if not registry.runs:
+        typer.echo(f"no registered runs in {work / 'models' / 'registry.json'}")
+        return
+    typer.echo(f"{'':2}{'run':32} {'data v':>6} {'step':>7} {'swd':>9} {'fid':>8} {'memo':>6}  registered")
+    for name, entry in sorted(registry.runs.items(), key=lambda kv: kv[1].registered_at):
+        m = entry.metrics
+        fid = f"{m['fid']:.2f}" if "fid" in m else "-"
+        mark = "* " if name == registry.champion else "  "
+        typer.echo(
+            f"{mark}{name:32} {entry.dataset_version:>6} {m.get('step', 0):>7} {m.get('swd', float('nan')):>9.2f} "
+            f"{fid:>8} {m.get('memorisation_ratio', float('nan')):>6.2f}  {entry.registered_at}"
+        )
+    typer.echo("* champion" if registry.champion else "no champion yet")
+
+
+@app.command()
+@user_errors
+def generate(
+    work: Work,
+    n: Annotated[int, typer.Option(help="number of samples")],
+    out: Annotated[Path, typer.Option(help="a new folder of PNG files, or a .tar (WebDataset) file")],
+    run: RunName = "champion",
+    seed: Annotated[int, typer.Option(help="seed of the z's")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+) -> None:
+    """Write N samples of a run as PNG files or a WebDataset tar: the input of external FID tools."""
+    from dcgan.export import generate_samples
+    from dcgan.train import resolve_device
+
+    r = generate_samples(_run_dir(work, run), n, out, seed=seed, device=str(resolve_device(device)))
+    typer.echo(f"{n} samples -> {out} ({r})")
+
+
+@app.command()
+@user_errors
+def export(
+    work: Work,
+    fmt: Annotated[str, typer.Option("--format", help="torchscript or onnx")],
+    out: Annotated[Path, typer.Option(help="output file")],
+    run: RunName = "champion",
+) -> None:
+    """Export a run's generator, checked against PyTorch on the same z's (to 1e-4)."""
+    from dcgan.export import export_generator
+
+    r = export_generator(_run_dir(work, run), fmt, out)
+    typer.echo(
+        f"{r['format']} generator -> {r['path']} (z: {r['nz']}-d {r['noise']}, max |diff| {r['max_abs_diff']:.2g})"
+    )
 
 
 @app.command("run")

@@ -17,6 +17,8 @@ from pydantic import BaseModel
 
 from preprocessing.settings import parse_settings
 
+_CONTEXT = "cli_context_"  # typer passes the click context here: which options were given
+
 
 def _option(name: str, field: Any) -> inspect.Parameter:
     flag = "--" + name.replace("_", "-")
@@ -40,13 +42,17 @@ def with_settings(model: type[BaseModel], where: str | None = None) -> Callable[
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
+            ctx = kwargs.pop(_CONTEXT)
             values = {n: kwargs.pop(n) for n in model.model_fields}
-            settings = parse_settings(model, values, where or f"{command.__name__} settings")
+            # only the options given on the command line count as set (model_fields_set), as in a YAML section
+            given = {n: v for n, v in values.items() if ctx.get_parameter_source(n).name != "DEFAULT"}
+            settings = parse_settings(model, given, where or f"{command.__name__} settings")
             return command(**kwargs, settings=settings)
 
         params = [p for n, p in own.parameters.items() if n != "settings"]
-        wrapper.__signature__ = own.replace(parameters=params + fields)  # type: ignore[attr-defined]
-        wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in fields}}
+        context = inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        wrapper.__signature__ = own.replace(parameters=[*params, *fields, context])  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in fields}, _CONTEXT: typer.Context}
         return wrapper
 
     return decorate

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.events import emit_event
 
 from flows.caching import FileFingerprint
 from flows.reports import publish
@@ -14,6 +15,8 @@ from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
 from preprocessing.settings import ShardSettings
 from preprocessing.sharding import build_shards
+
+DATASET_UPDATED = "dcgan.dataset.updated"
 
 
 def _shard_inputs(inputs: dict) -> list[Path]:
@@ -66,4 +69,17 @@ def write_shards(work: str, settings: ShardSettings, rebuild: bool = False) -> d
 def shard_flow(work: str, settings: ShardSettings = ShardSettings(), refresh: bool = False) -> dict:
     """Write `work/shards/` from every extracted source (honouring dedup keep flags unless settings.dedup is off)."""
     task_ = write_shards.with_options(refresh_cache=True) if refresh else write_shards
-    return task_(work, settings, rebuild=refresh)
+    result = task_(work, settings, rebuild=refresh)
+    if result["added"]:
+        announce_new_version(work, result)
+    return result
+
+
+def announce_new_version(work: str, result: dict) -> None:
+    """Emit `dcgan.dataset.updated`: the retrain deployment's trigger (prefect.yaml) listens for it."""
+    path = str(Path(work).resolve())
+    emit_event(
+        event=DATASET_UPDATED,
+        resource={"prefect.resource.id": f"dcgan.work.{path}", "prefect.resource.name": path},
+        payload={"work": path, "version": result["version"], "added": result["added"], "total": result["total"]},
+    )

@@ -8,11 +8,14 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from dcgan.data import shard_urls
+from dcgan.evaluation.fixed_protocol import fixed_protocol
 from dcgan.launch import run_dir_for, run_training
+from dcgan.registry import register_run
 from dcgan.settings import TrainSettings
 from dcgan.train import TrainConfig, resolve_device
 from flows.reports import publish
 from preprocessing.markdown import table
+from preprocessing.sharding import read_index
 
 
 def check_train(work: str, settings: TrainSettings) -> None:
@@ -47,16 +50,35 @@ def train_dcgan(cfg: TrainConfig, resume: bool) -> dict:
     return result
 
 
+@task
+def register_trained_run(work: str, cfg: TrainConfig) -> dict:
+    """Measure the finished run on the fixed protocol and record it in the model registry."""
+    run_dir = Path(cfg.run_dir)
+    version = read_index(Path(cfg.shards))["version"]
+    metrics = fixed_protocol(run_dir, Path(cfg.shards), device=str(resolve_device(cfg.device)))
+    register_run(Path(work), run_dir.name, run_dir, version, cfg.model_dump(), metrics)
+    return metrics
+
+
 @flow(name="train")
 def train_flow(
-    work: str, settings: TrainSettings = TrainSettings(), run: str | None = None, resume: bool = False
+    work: str,
+    settings: TrainSettings = TrainSettings(),
+    run: str | None = None,
+    resume: bool = False,
+    add_to_registry: bool = True,
 ) -> dict:
     """Train a DCGAN on `work/shards` into `work/train/<run>/` (new run, or resume the newest).
 
     `settings.nproc_per_node` > 1 trains data-parallel under torchrun (one process per GPU;
     batch_size is per process). The fast-path switches apply on CUDA; `loop=textbook` is pytorch/examples'.
+    With `add_to_registry` the finished run is measured on the fixed protocol and recorded in
+    `work/models/registry.json` (it does not become the champion: `retrain` or `models --promote` decide).
     """
     check_train(work, settings)
     run_dir = run_dir_for(work, run, resume)
     cfg = TrainConfig(**settings.model_dump(), shards=str(Path(work) / "shards"), run_dir=str(run_dir))
-    return train_dcgan(cfg, resume)
+    result = train_dcgan(cfg, resume)
+    if add_to_registry:
+        result["registry"] = register_trained_run(work, cfg)
+    return result

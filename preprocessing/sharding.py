@@ -240,6 +240,11 @@ def _versions(folder: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
+def samples_added_since(shards: Path, version: int) -> int:
+    """Samples the versions after `version` added (a rebuild counts all of its samples as new)."""
+    return sum(v["total"] if v["rebuild"] else v["added"] for v in _versions(Path(shards)) if v["version"] > version)
+
+
 def _append_version(final: Path, current: dict, new: list[Item], settings: ShardSettings, fingerprint: str) -> dict:
     """New samples into new shard files beside the old ones; index.json, written last, commits them."""
     version = current["version"] + 1

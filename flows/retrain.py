@@ -1,0 +1,121 @@
+"""Retraining that means something: train a challenger on new data, compare it with the champion, promote if better.
+
+The comparison is the fixed protocol (`dcgan.evaluation.fixed_protocol`): both models are
+measured on the same seeded reference images of the current shards and the same z's. The
+decision and both sample grids go into the `retrain` report and artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.logging import get_run_logger
+
+from dcgan.checkpoint import list_checkpoints
+from dcgan.evaluation.fixed_protocol import comparison_figure, fixed_protocol
+from dcgan.registry import Decision, challenge, load_registry, reference_settings, register_run, retrain_lock
+from dcgan.settings import RetrainSettings, TrainSettings
+from dcgan.train import resolve_device
+from flows.config import stage_settings
+from flows.reports import publish
+from flows.train import check_train, train_flow
+from preprocessing.markdown import table
+from preprocessing.settings import parse_settings
+from preprocessing.sharding import read_index, samples_added_since
+
+
+def _skip_reason(work: Path, settings: RetrainSettings) -> str | None:
+    """Why no challenger is needed (the champion saw these shards), or None."""
+    registry = load_registry(work)
+    if registry.champion is None:
+        return None
+    champion = registry.runs[registry.champion]
+    version = read_index(work / "shards")["version"]
+    added = samples_added_since(work / "shards", champion.dataset_version)
+    if version == champion.dataset_version or added < settings.min_new_samples:
+        return (
+            f"the shards are at version {version}; the champion {registry.champion} trained on version "
+            f"{champion.dataset_version} and {added} samples came since (retrain needs {settings.min_new_samples})"
+        )
+    return None
+
+
+@task
+def measure(work: str, run_dir: str, settings: RetrainSettings) -> dict:
+    """The fixed protocol for one run, on the current shards."""
+    device = str(resolve_device(settings.device))
+    inception = Path(settings.inception) if settings.inception else None
+    return fixed_protocol(Path(run_dir), Path(work) / "shards", settings.protocol_images, inception, device)
+
+
+@task
+def decide_and_report(
+    work: str, challenger: str, settings: RetrainSettings, metrics: dict, champion_metrics: dict | None
+) -> dict:
+    """Register the challenger with its measured metrics, pit it against the champion, publish the decision."""
+    w = Path(work)
+    registry = load_registry(w)
+    champion = registry.champion
+    run_dir = w / "train" / challenger
+    register_run(w, challenger, run_dir, read_index(w / "shards")["version"], settings.model_dump(), metrics)
+    decision: Decision = challenge(
+        w, challenger, metric=settings.metric, margin=settings.margin, champion_metrics=champion_metrics
+    )
+    rows = [
+        (name, f"{champion_metrics[name]:.4g}" if champion_metrics else "-", f"{metrics[name]:.4g}")
+        for name in ("swd", "fid", "kid", "memorisation_ratio")
+        if name in metrics
+    ]
+    md = "# Retrain\n\n" + table(
+        rows, ("metric (lower is better, but memorisation)", champion or "no champion", challenger)
+    )
+    md += f"\n**{'Promoted' if decision.promote else 'Kept the champion'}:** {decision.reason}\n"
+    left = Path(registry.runs[champion].run_dir) if champion else run_dir
+    figure = comparison_figure(left, run_dir, titles=(champion or challenger, challenger))
+    publish(w, "retrain", md, figure)
+    return {"decision": "promoted" if decision.promote else "kept", "reason": decision.reason, "challenger": challenger}
+
+
+def effective_settings(work: Path, settings: RetrainSettings) -> RetrainSettings:
+    """Train like the champion: fields not given explicitly come from its settings (or the newest run's).
+
+    Without any registered run they are the defaults, at the shards' resolution.
+    """
+    base = {k: v for k, v in reference_settings(load_registry(work)).items() if k in TrainSettings.model_fields}
+    base.pop("init_from", None)
+    base.setdefault("resolution", read_index(work / "shards")["resolution"])
+    given = settings.model_dump(include=settings.model_fields_set)
+    return parse_settings(RetrainSettings, {**base, **given}, "retrain settings")
+
+
+@flow(name="retrain")
+def retrain_flow(work: str, settings: RetrainSettings = RetrainSettings(), force: bool = False) -> dict:
+    """Train a challenger when the shards grew since the champion's training, and promote it only if it is better.
+
+    Nothing is trained when the champion already saw the current shard version (unless
+    `force`). Settings not given are the champion's (see `effective_settings`). A second
+    retrain of the same work directory at the same time is refused.
+    """
+    w = Path(work)
+    settings = effective_settings(w, settings)
+    train_settings = stage_settings(TrainSettings, settings)
+    check_train(work, train_settings)
+    with retrain_lock(w):
+        reason = None if force else _skip_reason(w, settings)
+        if reason is not None:
+            get_run_logger().info("retrain skipped: %s", reason)
+            publish(w, "retrain", f"# Retrain\n\nNothing to do: {reason}.\n")
+            return {"decision": "skipped", "reason": reason}
+        registry = load_registry(w)
+        champion = registry.champion
+        if settings.warm_start and champion is not None:
+            latest = list_checkpoints(Path(registry.runs[champion].run_dir))[-1]
+            train_settings = train_settings.model_copy(update={"init_from": str(latest)})
+        version = read_index(w / "shards")["version"]
+        run = f"retrain-v{version}-{time.strftime('%Y%m%d-%H%M%S')}"
+        trained = train_flow(work, train_settings, run=run, add_to_registry=False)
+        metrics = measure(work, trained["run_dir"], settings)
+        champion_metrics = measure(work, registry.runs[champion].run_dir, settings) if champion else None
+        return decide_and_report(work, run, settings, metrics, champion_metrics)
