@@ -15,3 +15,6 @@ class DedupSettings(Settings):
     device: Device = Field("cpu", description="auto, cpu, cuda or cuda:N, for training the autoencoder")
     max_epochs: int = Field(50, ge=1, description="autoencoder epochs at most (stops earlier on a plateau)")
     seed: int = Field(0, description="seed of the autoencoder's initialisation, noise and held-out split")
+    retrain_autoencoder: bool = Field(
+        False, description="train the hash again on every item (codes change: kept items may change too)"
+    )

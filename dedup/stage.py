@@ -47,6 +47,8 @@ from preprocessing.tar_shards import index_tar, read_member
 
 log = logging.getLogger(__name__)
 
+ITEMS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("pixels", pa.int64()), ("tar", pa.string())])
+
 CODES_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -75,46 +77,89 @@ def to_crop32(rgb: np.ndarray) -> np.ndarray:
     return sq if side == 32 else cv2.resize(sq, (32, 32), interpolation=cv2.INTER_AREA)
 
 
-def collect_crops(work: Path) -> int:
-    """Write crops32.npy + items.parquet for every ok item of every extracted source."""
+def collect_crops(work: Path, *, full: bool = False) -> int:
+    """Write crops32.npy + items.parquet for every ok item of every extracted source.
+
+    Items collected before, from staging tars that did not change since, keep their rows and
+    crops; only new items are decoded and appended. Anything else (a tar rewritten by a
+    refreshed extraction, an item that went away), or `full`, collects everything again.
+    """
     sources = extracted_sources(work)
     if not sources:
         raise DedupError(f"no extracted data under {Path(work) / 'extract'}: run an extraction stage first")
     out = dedup_dir(work)
     inputs = stamp([src / "manifest.parquet" for src in sources])
-    if _recorded(out / "items.parquet") == inputs and (out / "crops32.npy").exists():
+    if not full and _recorded(out / "items.parquet") == inputs and (out / "crops32.npy").exists():
         log.info("dedup: crops are up to date")
         return pq.read_metadata(out / "items.parquet").num_rows
-    keys, srcs, pixels, crops = [], [], [], []
+    wanted: dict[tuple[str, str], dict] = {}
     for src in sources:
         manifest = pq.read_table(src / "manifest.parquet", columns=["key", "status", "width", "height"])
-        ok = manifest.filter(pc.equal(manifest["status"], "ok")).to_pylist()
-        wanted = {r["key"]: r for r in ok}
+        for r in manifest.filter(pc.equal(manifest["status"], "ok")).to_pylist():
+            wanted[(src.name, r["key"])] = r
+    old = None if full else _reusable_items(work, wanted)
+    done = set(zip(old["source"].to_pylist(), old["key"].to_pylist(), strict=True)) if old is not None else set()
+    rows: list[dict] = []
+    crops = []
+    for src in sources:
         found = 0
         for tar in sorted(src.glob("part-*.tar")):
             with open(tar, "rb") as fh:
                 for m in index_tar(tar):
-                    if m.ext == SAMPLE_EXT and m.key in wanted:
+                    ident = (src.name, m.key)
+                    if m.ext == SAMPLE_EXT and ident in wanted and ident not in done:
                         crops.append(to_crop32(decode_ppm(read_member(fh, m))))
-                        row = wanted[m.key]
-                        keys.append(m.key)
-                        srcs.append(src.name)
-                        pixels.append((row["width"] or 0) * (row["height"] or 0))
+                        r = wanted[ident]
+                        tar_name = f"{src.name}/{tar.name}"
+                        rows.append(
+                            {
+                                "key": m.key,
+                                "source": src.name,
+                                "pixels": (r["width"] or 0) * (r["height"] or 0),
+                                "tar": tar_name,
+                            }
+                        )
                         found += 1
-        if found != len(wanted):
-            raise DedupError(f"{src}: {len(wanted) - found} kept items are missing from the staging shards")
-        log.info("dedup: collected %d items of %s", found, src.name)
+        missing = sum(1 for s, _ in wanted if s == src.name) - found - sum(1 for s, _ in done if s == src.name)
+        if missing:
+            raise DedupError(f"{src}: {missing} kept items are missing from the staging shards")
+        log.info("dedup: collected %d new items of %s", found, src.name)
     out.mkdir(parents=True, exist_ok=True)
-    array = np.stack(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    new = np.stack(crops) if crops else np.zeros((0, 32, 32, 3), np.uint8)
+    array = np.concatenate([np.asarray(load_crops(work)[: old.num_rows]), new]) if old is not None else new
 
     def save(tmp: Path) -> None:
         with open(tmp, "wb") as fh:  # a file object: np.save would append .npy to a path
             np.save(fh, array)
 
     atomic_write_with(out / "crops32.npy", save)
-    items = pa.table({"key": keys, "source": srcs, "pixels": pa.array(pixels, pa.int64())})
-    write_table(_record(items, inputs), out / "items.parquet")
-    return len(keys)
+    added = pa.Table.from_pylist(rows, schema=ITEMS_SCHEMA)
+    items = pa.concat_tables([old.select(ITEMS_SCHEMA.names).cast(ITEMS_SCHEMA), added]) if old is not None else added
+    tars = sorted(set(items["tar"].to_pylist()))
+    tar_stamps = json.dumps({t: stamp([Path(work) / "extract" / t]) for t in tars}, sort_keys=True)
+    write_table(
+        _record(items, inputs, tars=tar_stamps, reused=str(old.num_rows if old is not None else 0)),
+        out / "items.parquet",
+    )
+    return items.num_rows
+
+
+def _reusable_items(work: Path, wanted: dict[tuple[str, str], dict]) -> pa.Table | None:
+    """The items collected before when every one is still wanted and its staging tar is unchanged, else None."""
+    path = dedup_dir(work) / "items.parquet"
+    if not path.exists() or not (dedup_dir(work) / "crops32.npy").exists():
+        return None
+    items = pq.read_table(path)
+    meta = items.schema.metadata or {}
+    if "tar" not in items.column_names or b"tars" not in meta:
+        return None  # collected by an older version: collect again
+    recorded = json.loads(meta[b"tars"])
+    if any(stamp([Path(work) / "extract" / t]) != st for t, st in recorded.items()):
+        return None
+    idents = zip(items["source"].to_pylist(), items["key"].to_pylist(), strict=True)
+    if not all(i in wanted for i in idents) or len(load_crops(work)) != items.num_rows:
+        return None
+    return items
 
 
 def _record(table: pa.Table, inputs: str, **extra: str) -> pa.Table:
@@ -141,11 +186,13 @@ def autoencoder_config(settings: DedupSettings) -> AEConfig:
     return AEConfig(device=device, max_epochs=settings.max_epochs, seed=settings.seed)
 
 
-def prepare_autoencoder(work: Path, settings: DedupSettings) -> tuple[Path, dict | None]:
-    """The hash to encode with: the user's trained file (checked), or one trained on these crops.
+def prepare_autoencoder(work: Path, settings: DedupSettings, *, retrain: bool = False) -> tuple[Path, dict | None]:
+    """The hash to encode with: the user's trained file (checked), or the work directory's own.
 
-    Training is skipped when autoencoder.pt was already trained on these crops with this config.
-    Returns (checkpoint, training info or None for a given file).
+    The work directory's hash is trained once, on the items collected then, and reused as the
+    data grows, so the codes of items kept before never change; it is trained again only with
+    `retrain` (the stage's refresh, or settings.retrain_autoencoder) or when its config
+    changed. Returns (checkpoint, training info or None for a given file).
     """
     if settings.autoencoder is not None:
         path = Path(settings.autoencoder)
@@ -156,23 +203,25 @@ def prepare_autoencoder(work: Path, settings: DedupSettings) -> tuple[Path, dict
         raise DedupError(f"no kept items under {Path(work) / 'extract'} to deduplicate")
     cfg = autoencoder_config(settings)
     path = dedup_dir(work) / "autoencoder.pt"
-    trained_on = stamp([dedup_dir(work) / "crops32.npy"])
-    if path.exists():
+    if path.exists() and not (retrain or settings.retrain_autoencoder):
         try:
             _, ckpt = load_autoencoder(path)
         except AutoencoderError:
             ckpt = {}
-        if ckpt.get("info", {}).get("trained_on") == trained_on and ckpt.get("config") == asdict(cfg):
-            log.info("dedup: autoencoder is up to date")
+        if ckpt.get("config") == asdict(cfg):
+            log.info("dedup: reusing the trained autoencoder (trained on %s items)", ckpt["info"].get("items", "?"))
             return path, ckpt["info"]
     model, info = train_autoencoder(np.asarray(crops), cfg)
-    info["trained_on"] = trained_on
+    info["items"] = len(crops)
     save_autoencoder(model, cfg, info, path)
     return path, info
 
 
 def encode_items(work: Path, checkpoint: Path | None = None) -> float:
-    """Hash every collected item (unless up to date); returns items/s of the encoding itself."""
+    """Hash the collected items; rows hashed before with this autoencoder and the same crop keep their code.
+
+    Returns items/s of the encoding itself (of the items encoded now).
+    """
     checkpoint = checkpoint or dedup_dir(work) / "autoencoder.pt"
     model, _ = load_autoencoder(checkpoint)
     inputs = stamp([checkpoint, dedup_dir(work) / "crops32.npy"])
@@ -180,20 +229,42 @@ def encode_items(work: Path, checkpoint: Path | None = None) -> float:
     if _recorded(out) == inputs:
         log.info("dedup: codes are up to date")
         return float(pq.read_schema(out).metadata[b"items_per_s"])
-    crops = np.asarray(load_crops(work))
-    t0 = time.perf_counter()
-    codes = encode_bits(model, crops)
-    rate = len(crops) / max(time.perf_counter() - t0, 1e-9)
+    crops = load_crops(work)
     items = pq.read_table(dedup_dir(work) / "items.parquet")
-    content = [hashlib.sha1(c.tobytes()).digest() for c in crops]
-    table = items.append_column("code", pa.array([c.tobytes() for c in codes], pa.binary(16)))
+    content = [hashlib.sha1(np.asarray(c).tobytes()).digest() for c in crops]
+    keep = _reusable_prefix(out, stamp([checkpoint]), items, content)
+    t0 = time.perf_counter()
+    fresh = encode_bits(model, np.asarray(crops[keep:]))
+    rate = (len(crops) - keep) / max(time.perf_counter() - t0, 1e-9)
+    old = pq.read_table(out, columns=["code"])["code"].to_pylist()[:keep] if keep else []
+    table = items.append_column("code", pa.array(old + [c.tobytes() for c in fresh], pa.binary(16)))
     table = table.append_column("content", pa.array(content, pa.binary(20)))
-    write_table(_record(table, inputs, items_per_s=str(rate)), out)
+    write_table(_record(table, inputs, items_per_s=str(rate), model=stamp([checkpoint])), out)
+    log.info("dedup: %d codes reused, %d encoded", keep, len(crops) - keep)
     return rate
 
 
-def group_items(work: Path, settings: DedupSettings) -> dict:
-    """Group, choose keepers ((largest source image, source, key) wins), write codes.parquet and the report."""
+def _reusable_prefix(hashes: Path, model: str, items: pa.Table, content: list[bytes]) -> int:
+    """How many leading rows of `hashes` are the same items with the same crops, hashed by the same model."""
+    if not hashes.exists() or (pq.read_schema(hashes).metadata or {}).get(b"model", b"").decode() != model:
+        return 0
+    old = pq.read_table(hashes, columns=["key", "source", "content"])
+    n = min(old.num_rows, items.num_rows)
+    same = (np.array(old["key"].to_pylist()[:n]) == np.array(items["key"].to_pylist()[:n])) & (
+        np.array(old["source"].to_pylist()[:n]) == np.array(items["source"].to_pylist()[:n])
+    )
+    same &= np.array([a == b for a, b in zip(old["content"].to_pylist()[:n], content[:n], strict=True)], bool)
+    return int(np.argmin(same)) if not same.all() else n
+
+
+def group_items(work: Path, settings: DedupSettings, *, full: bool = False) -> dict:
+    """Group, choose keepers ((largest source image, source, key) wins), write codes.parquet and the report.
+
+    When codes.parquet already grouped the leading items (same items, same codes, same radius),
+    those rows stay as they are (no churn: what shards were cut from stays valid) and only the
+    new items are grouped, against the items kept before and among themselves: a new item that
+    duplicates a kept one is not kept. `full` regroups everything.
+    """
     hashes = pq.read_table(dedup_dir(work) / "hashes.parquet")
     n = hashes.num_rows
     codes = (
@@ -202,28 +273,79 @@ def group_items(work: Path, settings: DedupSettings) -> dict:
         else np.zeros((0, 16), np.uint8)
     )
     keys, sources = hashes["key"].to_pylist(), hashes["source"].to_pylist()
-    radius = settings.radius
-    grouping = group_codes(codes, radius, content=hashes["content"].to_pylist())
+    content = hashes["content"].to_pylist()
     rank = [(-p, s, k) for p, s, k in zip(hashes["pixels"].to_pylist(), sources, keys, strict=True)]
-    keep = choose_keepers(grouping.group, rank)
+    radius = settings.radius
+    prev = None if full else _grouped_prefix(work, hashes, radius)
+    if prev is None:
+        grouping = group_codes(codes, radius, content=content)
+        group, keep, degenerate = grouping.group, choose_keepers(grouping.group, rank), grouping.degenerate
+        pairs, growth = grouping.candidate_pairs, None
+    else:
+        group, keep, degenerate, pairs, growth = _group_new(prev, codes, content, rank, radius)
     table = pa.table(
         {
             "key": keys,
             "source": sources,
             "code": hashes["code"],
-            "group": grouping.group,
+            "group": group,
             "keep": keep,
-            "degenerate": grouping.degenerate,
+            "degenerate": degenerate,
         },
         schema=CODES_SCHEMA,
-    )
+    ).replace_schema_metadata({"radius": str(radius)})
     write_table(table, dedup_dir(work) / "codes.parquet")
-    summary = _write_report(work, table, radius, grouping.candidate_pairs)
+    summary = _write_report(work, table, radius, pairs, growth)
     log.info("dedup: %d items, %d groups, %d removed at radius %d", n, summary["groups"], summary["removed"], radius)
     return summary
 
 
-def _write_report(work: Path, codes: pa.Table, radius: int, pairs: int) -> dict:
+def _grouped_prefix(work: Path, hashes: pa.Table, radius: int) -> pa.Table | None:
+    """The earlier codes.parquet when it grouped exactly the leading rows of `hashes` at this radius."""
+    path = dedup_dir(work) / "codes.parquet"
+    if not path.exists():
+        return None
+    prev = pq.read_table(path)
+    if (prev.schema.metadata or {}).get(b"radius", b"").decode() != str(radius) or prev.num_rows > hashes.num_rows:
+        return None
+    head = hashes.slice(0, prev.num_rows)
+    for column in ("key", "source", "code"):
+        if not prev[column].equals(head[column]):
+            return None
+    return prev
+
+
+def _group_new(
+    prev: pa.Table, codes: np.ndarray, content: list[bytes], rank: list[tuple], radius: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, dict]:
+    """Group the rows after `prev` against prev's kept items and among themselves; prev's rows stay."""
+    m, n = prev.num_rows, len(codes)
+    old_group = prev["group"].to_numpy()
+    old_keep = prev["keep"].to_numpy(zero_copy_only=False)
+    kept = np.flatnonzero(old_keep)
+    cand = np.concatenate([kept, np.arange(m, n)])
+    g = group_codes(codes[cand], radius, content=[content[i] for i in cand])
+    local = g.group[len(kept) :]  # a group's id is its smallest member: below len(kept) means a kept item is in it
+    of_existing = local < len(kept)
+    existing = old_group[kept[np.clip(local, 0, len(kept) - 1)]] if len(kept) else np.zeros_like(local)
+    new_group = np.where(of_existing, existing, m + local - len(kept))
+    new_keep = np.zeros(n - m, bool)
+    alone = np.flatnonzero(~of_existing)
+    if len(alone):
+        new_keep[alone] = choose_keepers(new_group[alone], [rank[m + i] for i in alone])
+    growth = {
+        "new_items": int(n - m),
+        "duplicates_of_existing": int(of_existing.sum()),
+        "duplicates_among_new": int(len(alone) - new_keep.sum()),
+        "existing_groups_hit": sorted(set(new_group[of_existing].tolist())),
+    }
+    group = np.concatenate([old_group, new_group])
+    keep = np.concatenate([old_keep, new_keep])
+    degenerate = np.concatenate([prev["degenerate"].to_numpy(zero_copy_only=False), g.degenerate[len(kept) :]])
+    return group, keep, degenerate, g.candidate_pairs, growth
+
+
+def _write_report(work: Path, codes: pa.Table, radius: int, pairs: int, growth: dict | None) -> dict:
     out = dedup_dir(work)
     group = codes["group"].to_numpy()
     ids, inverse, sizes = (
@@ -246,6 +368,8 @@ def _write_report(work: Path, codes: pa.Table, radius: int, pairs: int) -> dict:
         "candidate_pairs": pairs,
         "largest_group": int(sizes.max()) if n else 0,
         "size_histogram": hist,
+        "incremental": growth is not None,
+        **{k: v for k, v in (growth or {}).items() if k != "existing_groups_hit"},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     order = sorted(hist.items(), key=lambda kv: int(kv[0].split("-")[0].rstrip("+")))
@@ -265,6 +389,27 @@ def _write_report(work: Path, codes: pa.Table, radius: int, pairs: int) -> dict:
         "## Group sizes\n",
         table(order, ("members", "groups")),
     ]
+    if growth is not None:
+        lines += [
+            "\n## This update\n",
+            "Items kept before stay kept; new items were grouped against them and among themselves.\n",
+            table(
+                [
+                    ("new items", growth["new_items"]),
+                    ("duplicates of existing items (not kept)", growth["duplicates_of_existing"]),
+                    ("duplicates among the new items (not kept)", growth["duplicates_among_new"]),
+                ],
+                ("", "count"),
+            ),
+        ]
+        sheet = _growth_sheet(work, codes, growth)
+        (out / "new_vs_existing.png").unlink(missing_ok=True)
+        if sheet is not None:
+            cv2.imwrite(str(out / "new_vs_existing.png"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
+            lines.append(
+                "Each row of `new_vs_existing.png`: an existing kept item, then the new items found to be its "
+                "duplicates.\n\n![new vs existing](new_vs_existing.png)"
+            )
     if degenerate:
         lines.append(
             f"\n**Warning:** {degenerate} items have an all-zero code (flat or black images); they were "
@@ -279,6 +424,24 @@ def _write_report(work: Path, codes: pa.Table, radius: int, pairs: int) -> dict:
         )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary
+
+
+def _growth_sheet(work: Path, codes: pa.Table, growth: dict) -> np.ndarray | None:
+    """Rows of up to 12: an existing keeper, then the new items that duplicate it (at most 16 groups)."""
+    hit = growth["existing_groups_hit"][:16]
+    if not hit:
+        return None
+    group = codes["group"].to_numpy()
+    keep = codes["keep"].to_numpy(zero_copy_only=False)
+    first_new = len(group) - growth["new_items"]
+    crops = load_crops(work)
+    rows = []
+    for g in hit:
+        members = np.flatnonzero(group == g)
+        keeper = [i for i in members if keep[i] and i < first_new]
+        row = [np.asarray(crops[i]) for i in (keeper + [i for i in members if i >= first_new])[:12]]
+        rows.extend(row + [np.full((32, 32, 3), 255, np.uint8)] * (12 - len(row)))
+    return tile(rows, columns=12)
 
 
 def _contact_sheet(work: Path, inverse: np.ndarray, sizes: np.ndarray, keep: np.ndarray) -> np.ndarray | None:

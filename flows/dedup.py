@@ -45,16 +45,16 @@ def check_dedup(work: str, settings: DedupSettings) -> None:
     ),
     **_POLICY,
 )
-def collect(work: str) -> int:
-    return collect_crops(Path(work))
+def collect(work: str, full: bool) -> int:
+    return collect_crops(Path(work), full=full)
 
 
 @task(
     cache_policy=FileFingerprint(outputs=_outs("autoencoder.pt"), derived=_outs("crops32.npy"), packages=PACKAGES),
     **_POLICY,
 )
-def fit(work: str, settings: DedupSettings) -> tuple[str, dict | None]:
-    checkpoint, info = prepare_autoencoder(Path(work), settings)
+def fit(work: str, settings: DedupSettings, retrain: bool) -> tuple[str, dict | None]:
+    checkpoint, info = prepare_autoencoder(Path(work), settings, retrain=retrain)
     return str(checkpoint), info
 
 
@@ -74,8 +74,8 @@ def encode(work: str, checkpoint: str) -> float:
     ),
     **_POLICY,
 )
-def regroup(work: str, settings: DedupSettings) -> dict:
-    summary = group_items(Path(work), settings)
+def regroup(work: str, settings: DedupSettings, full: bool) -> dict:
+    summary = group_items(Path(work), settings, full=full)
     out = dedup_dir(Path(work))
     sheet = out / "collisions.png"
     md = (out / "report.md").read_text().replace("\n![collisions](collisions.png)", "")
@@ -87,13 +87,16 @@ def regroup(work: str, settings: DedupSettings) -> dict:
 def dedup_flow(work: str, settings: DedupSettings = DedupSettings(), refresh: bool = False) -> dict:
     """Hash every extracted item with the paper's autoencoder and flag near duplicates.
 
-    `settings.autoencoder` loads a trained checkpoint instead of training one; `refresh` redoes every step.
+    A work directory that grew is deduplicated incrementally: the trained hash is reused, only new
+    items are encoded, and they are grouped against the items kept before, which stay kept.
+    `settings.autoencoder` loads a trained checkpoint instead of training one; `refresh` redoes
+    every step from scratch (a full re-dedup: kept items may change).
     """
     check_dedup(work, settings)
     opts = {"refresh_cache": True} if refresh else {}
-    collect.with_options(**opts)(work)
+    collect.with_options(**opts)(work, refresh)
     fit_task = fit if settings.autoencoder is None else fit.with_options(cache_policy=NO_CACHE)
-    checkpoint, info = fit_task.with_options(**opts)(work, settings)
+    checkpoint, info = fit_task.with_options(**opts)(work, settings, refresh)
     rate = encode.with_options(**opts)(work, checkpoint)
-    summary = regroup.with_options(**opts)(work, settings)
+    summary = regroup.with_options(**opts)(work, settings, refresh)
     return {**summary, "hash_items_per_s": rate, "autoencoder": checkpoint, "training": info}

@@ -241,3 +241,58 @@ def test_dedup_cli_regroups_without_retraining(prefect_api: None, extracted_work
     assert (work / "dedup" / "autoencoder.pt").stat().st_mtime_ns == ae  # cached: no retraining
     assert "| Hamming radius | 6 |" in (work / "dedup" / "report.md").read_text()
     assert runner.invoke(app, ["dedup", "--work", str(tmp_path / "nothing")]).exit_code == 2
+
+
+def test_a_grown_set_is_deduplicated_against_what_was_kept(tmp_path: Path, cifar_pngs: list) -> None:
+    w = tmp_path / "w"
+    run_photo_stage(_image_folder(tmp_path / "old", cifar_pngs[:40]), w, "old", INGEST32, workers=1)
+    first = _dedup(w)
+    ae = (w / "dedup" / "autoencoder.pt").read_bytes()
+    before = pq.read_table(w / "dedup" / "codes.parquet")
+    assert not first["incremental"]
+    # the new batch: 20 new photos, 5 copies of old ones, and one new photo three times
+    batch = cifar_pngs[40:60] + cifar_pngs[:5] + [cifar_pngs[60]] * 3
+    run_photo_stage(_image_folder(tmp_path / "new", batch), w, "new", INGEST32, workers=1)
+    second = _dedup(w)
+    assert (w / "dedup" / "autoencoder.pt").read_bytes() == ae  # the hash is reused, not retrained
+    after = pq.read_table(w / "dedup" / "codes.parquet")
+    assert after.slice(0, before.num_rows).equals(before)  # no churn: earlier rows, groups and keep flags stay
+    assert second["incremental"] and second["new_items"] == 28
+    assert second["duplicates_of_existing"] >= 5 and second["duplicates_among_new"] >= 2
+
+    def by_path(source: str) -> dict[str, str]:
+        manifest = pq.read_table(w / "extract" / source / "manifest.parquet", columns=["key", "photo_path"])
+        return dict(zip(manifest["photo_path"].to_pylist(), manifest["key"].to_pylist(), strict=True))
+
+    old_rows = {r["key"]: r for r in before.to_pylist()}
+    new_rows = {r["key"]: r for r in after.slice(before.num_rows).to_pylist()}
+    old_key, new_key = by_path("old"), by_path("new")
+    for i in range(5):  # img020..img024 of the new batch copy img000..img004 of the old one
+        copy, twin = new_rows[new_key[f"img{20 + i:03d}.png"]], old_rows[old_key[f"img{i:03d}.png"]]
+        assert twin["keep"] and not copy["keep"] and copy["group"] == twin["group"]
+    triple = [new_rows[new_key[f"img{i:03d}.png"]] for i in (25, 26, 27)]
+    assert sum(r["keep"] for r in triple) == 1 and len({r["group"] for r in triple}) == 1
+    report = (w / "dedup" / "report.md").read_text()
+    assert "## This update" in report and (w / "dedup" / "new_vs_existing.png").exists()
+    assert len({(r["source"], r["key"]) for r in after.to_pylist()}) == after.num_rows == 68  # each item once
+
+    third = _dedup(w)  # nothing new: the same codes, nothing regrouped differently
+    assert pq.read_table(w / "dedup" / "codes.parquet").equals(after) and third["new_items"] == 0
+
+
+def test_an_incremental_dedup_killed_midway_ends_the_same(tmp_path: Path, cifar_pngs: list) -> None:
+    import shutil
+
+    w = tmp_path / "w"
+    run_photo_stage(_image_folder(tmp_path / "old", cifar_pngs[:30]), w, "old", INGEST32, workers=1)
+    _dedup(w)
+    run_photo_stage(_image_folder(tmp_path / "new", cifar_pngs[25:45]), w, "new", INGEST32, workers=1)
+    clean = tmp_path / "clean"
+    shutil.copytree(w, clean)
+    _dedup(clean)
+    collect_crops(w)  # killed after collecting (and again after encoding): the rerun picks up from there
+    encode_items(w)
+    _dedup(w)
+    for name in ("codes.parquet", "hashes.parquet", "items.parquet"):
+        a, b = pq.read_table(w / "dedup" / name), pq.read_table(clean / "dedup" / name)
+        assert a.equals(b), name
