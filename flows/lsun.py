@@ -1,9 +1,10 @@
-"""LSUN extraction flow: plan key ranges, map one task per range over processes, merge, report."""
+"""LSUN extraction flow: plan parts (new keys in new parts), map one task per part to do, merge, report."""
 
 from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -12,20 +13,20 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.caching import FileFingerprint
 from flows.reports import part_totals, publish, rejects_section
 from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
-from preprocessing.lsun import LsunError, Partition, extract_partition, prepare_extraction, resolve_db, source_name
-from preprocessing.manifest import merge_part_manifests
+from preprocessing.extraction import ExtractionPlan, manifest_counts, merge_manifests, part_stem, summarize_plan
+from preprocessing.lsun import LsunError, LsunKind, extract_partition, prepare_extraction, resolve_db, source_name
 from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
 from preprocessing.settings import LsunSettings
 
 
 def _part_outputs(inputs: dict) -> list[Path]:
-    stem = Partition(**inputs["part"]).stem
+    stem = part_stem(inputs["part"])
     return [Path(inputs["out_dir"]) / f"{stem}.parquet", Path(inputs["out_dir"]) / f"{stem}.tar"]
 
 
-def _part_db(inputs: dict) -> list[Path]:
-    return [Path(inputs["part"]["db"]) / "data.mdb"]
+def _part_inputs(inputs: dict) -> list[Path]:
+    return [Path(inputs["out_dir"]) / "plan.json", Path(inputs["out_dir"]) / "inputs.parquet"]
 
 
 def check_lsun(db: list[str], names: list[str] | None) -> None:
@@ -39,48 +40,68 @@ def check_lsun(db: list[str], names: list[str] | None) -> None:
 
 
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
-def plan_lsun(db: str, work: str, settings: LsunSettings, name: str | None, refresh: bool) -> tuple[str, list[dict]]:
-    """Plan key ranges; with `refresh`, first remove this source's earlier extraction."""
+def plan_lsun(db: str, work: str, settings: LsunSettings, name: str | None, refresh: bool) -> tuple[str, dict]:
+    """Plan parts (new keys in new parts); with `refresh`, first remove this source's earlier extraction."""
     if refresh:
         shutil.rmtree(Path(work) / "extract" / (name or source_name(resolve_db(db))), ignore_errors=True)
-    out_dir, parts = prepare_extraction(db, Path(work), settings, name=name)
-    return str(out_dir), [p.__dict__ for p in parts]
+    out_dir, plan = prepare_extraction(db, Path(work), settings, name=name)
+    return str(out_dir), asdict(plan)
 
 
 @task(
-    cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_db),
+    cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_inputs),
     persist_result=True,
     retries=1,
     retry_condition_fn=retry_unless_user_error,
 )
-def extract_lsun_part(part: dict, out_dir: str, settings: LsunSettings) -> dict:
-    return extract_partition(Partition(**part), Path(out_dir), settings)
+def extract_lsun_part(part: int, out_dir: str, settings: LsunSettings) -> dict:
+    return extract_partition(Path(out_dir), part, settings)
 
 
 @task
-def merge_lsun(out_dir: str, summaries: list[dict], wall: float) -> dict:
-    """Merge part manifests and publish the stage report."""
-    merged = merge_part_manifests(Path(out_dir), len(summaries))
-    total = merged.num_rows
-    ok = sum(s["ok"] for s in summaries)
-    rejected, resumed, rate = part_totals(summaries, "total", wall)
-    source = Path(out_dir).name
-    md = f"# LSUN extraction: {source}\n\n" + table(
+def merge_lsun(out_dir: str, db: str, settings: LsunSettings, plan: dict, summaries: list[dict], wall: float) -> dict:
+    """Merge part manifests and publish the stage report (with what this rerun added, reused and lost)."""
+    out = Path(out_dir)
+    counts = manifest_counts(merge_manifests(out, LsunKind(str(resolve_db(db)), out.name, settings)), "key")
+    _, resumed, rate = part_totals(summaries, "inputs", wall)
+    steps = ExtractionPlan(**plan)
+    total, ok, gone = counts["inputs"], counts["ok"], counts["gone"]
+    md = f"# LSUN extraction: {out.name}\n\n" + table(
         [
             ("records", total),
             ("ok", ok),
-            ("rejected", total - ok),
-            ("parts", len(summaries)),
+            ("rejected", total - ok - gone),
+            ("gone from the database", gone),
+            ("parts", steps.parts),
+            *summarize_plan(steps),
             ("parts resumed from disk", resumed),
             ("throughput (img/s)", f"{rate:.0f}"),
         ],
         ("", "value"),
     )
-    md += rejects_section(rejected)
-    grid = grid_from_shards(sorted(Path(out_dir).glob("part-*.tar")))
-    publish(Path(out_dir).parents[1], f"extract-{source}", md, grid)
-    get_run_logger().info("%s: %d records, %d ok, rejected %s, %.0f img/s", source, total, ok, rejected, rate)
-    return {"source": source, "out_dir": out_dir, "total": total, "ok": ok, "rejected": rejected, "img_per_s": rate}
+    md += rejects_section(counts["rejected"])
+    grid = grid_from_shards(sorted(out.glob("part-*.tar")))
+    publish(out.parents[1], f"extract-{out.name}", md, grid)
+    get_run_logger().info(
+        "%s: %d records (%d new), %d ok, rejected %s, %d gone, %.0f img/s",
+        out.name,
+        total,
+        steps.new_inputs,
+        ok,
+        counts["rejected"],
+        gone,
+        rate,
+    )
+    return {
+        "source": out.name,
+        "out_dir": out_dir,
+        "total": total,
+        "ok": ok,
+        "gone": gone,
+        "new": steps.new_inputs,
+        "rejected": counts["rejected"],
+        "img_per_s": rate,
+    }
 
 
 @flow(name="lsun-extract", task_runner=ProcessPoolTaskRunner())
@@ -91,7 +112,7 @@ def lsun_extract_flow(
     names: list[str] | None = None,
     refresh: bool = False,
 ) -> list[dict]:
-    """Extract center crops from LSUN LMDBs into `work/extract/<source>/`.
+    """Extract center crops from LSUN LMDBs into `work/extract/<source>/`; a rerun extracts only new keys.
 
     Parts run on a process pool of one worker per core (PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS
     overrides); on a Dask or Ray cluster, pass that task runner with `lsun_extract_flow.with_options`.
@@ -99,10 +120,10 @@ def lsun_extract_flow(
     check_lsun(db, names)
     results = []
     for i, path in enumerate(db):
-        out_dir, parts = plan_lsun(path, work, settings, names[i] if names else None, refresh)
+        out_dir, plan = plan_lsun(path, work, settings, names[i] if names else None, refresh)
         t0 = time.perf_counter()
         task_ = extract_lsun_part.with_options(refresh_cache=True) if refresh else extract_lsun_part
         with api_shared_with_subprocesses():
-            summaries = task_.map(parts, unmapped(out_dir), unmapped(settings)).result()
-        results.append(merge_lsun(out_dir, summaries, time.perf_counter() - t0))
+            summaries = task_.map(plan["todo"], unmapped(out_dir), unmapped(settings)).result()
+        results.append(merge_lsun(out_dir, path, settings, plan, summaries, time.perf_counter() - t0))
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -13,8 +14,9 @@ from prefect.task_runners import ProcessPoolTaskRunner
 from flows.caching import FileFingerprint
 from flows.reports import part_totals, publish, rejects_section
 from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
+from preprocessing.extraction import ExtractionPlan, manifest_counts, part_stem, summarize_plan
 from preprocessing.markdown import table
-from preprocessing.photo_stages import STAGES, merge_photo_manifests, prepare_photo_stage, run_photo_part
+from preprocessing.photo_stages import merge_photo_manifests, prepare_photo_stage, run_photo_part
 from preprocessing.photos import open_source
 from preprocessing.preview import grid_from_shards
 from preprocessing.settings import FacesSettings, IngestSettings
@@ -27,7 +29,7 @@ def default_name(photos: str, prefix: str) -> str:
 
 
 def _part_outputs(inputs: dict) -> list[Path]:
-    stem = f"part-{inputs['part']:06d}"
+    stem = part_stem(inputs["part"])
     return [Path(inputs["out_dir"]) / f"{stem}.parquet", Path(inputs["out_dir"]) / f"{stem}.tar"]
 
 
@@ -38,11 +40,12 @@ def _part_inputs(inputs: dict) -> list[Path]:
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
 def plan_photos(
     photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool
-) -> tuple[str, int]:
+) -> tuple[str, dict]:
+    """Index the photos and plan parts (new photos in new parts); `refresh` removes the earlier extraction."""
     if refresh:
         shutil.rmtree(Path(work) / "extract" / name, ignore_errors=True)
-    out_dir, parts = prepare_photo_stage(photos, Path(work), name, settings)
-    return str(out_dir), parts
+    out_dir, plan = prepare_photo_stage(photos, Path(work), name, settings)
+    return str(out_dir), asdict(plan)
 
 
 @task(
@@ -52,22 +55,26 @@ def plan_photos(
     retry_condition_fn=retry_unless_user_error,
 )
 def photo_part(out_dir: str, part: int, stage: str) -> dict:
-    return run_photo_part(Path(out_dir), part, STAGES[stage])
+    return run_photo_part(Path(out_dir), part)
 
 
 @task
-def merge_photos(out_dir: str, summaries: list[dict], wall: float, title: str) -> dict:
-    merged = merge_photo_manifests(Path(out_dir))
-    photos = sum(s["photos"] for s in summaries)
-    ok = sum(s["ok"] for s in summaries)
-    rejected, resumed, rate = part_totals(summaries, "photos", wall)
+def merge_photos(out_dir: str, plan: dict, summaries: list[dict], wall: float, title: str) -> dict:
+    """Merge part manifests and publish the stage report (with what this rerun added, reused and lost)."""
+    counts = manifest_counts(merge_photo_manifests(Path(out_dir)), "photo_key")
+    photos, ok, gone = counts["inputs"], counts["ok"], counts["gone"]
+    rejected = counts["rejected"]
+    _, resumed, rate = part_totals(summaries, "inputs", wall)
+    steps = ExtractionPlan(**plan)
     source = Path(out_dir).name
     md = f"# {title}: {source}\n\n" + table(
         [
             ("photos", photos),
             ("crops kept", ok),
-            ("manifest rows", merged.num_rows),
-            ("parts", len(summaries)),
+            ("manifest rows", counts["rows"]),
+            ("photos gone from the collection", gone),
+            ("parts", steps.parts),
+            *summarize_plan(steps),
             ("parts resumed from disk", resumed),
             ("throughput (photos/s)", f"{rate:.1f}"),
         ],
@@ -77,12 +84,23 @@ def merge_photos(out_dir: str, summaries: list[dict], wall: float, title: str) -
     publish(
         Path(out_dir).parents[1], f"extract-{source}", md, grid_from_shards(sorted(Path(out_dir).glob("part-*.tar")))
     )
-    get_run_logger().info("%s: %d photos -> %d crops, rejected %s, %.1f photos/s", source, photos, ok, rejected, rate)
+    get_run_logger().info(
+        "%s: %d photos (%d new) -> %d crops, rejected %s, %d gone, %.1f photos/s",
+        source,
+        photos,
+        steps.new_inputs,
+        ok,
+        rejected,
+        gone,
+        rate,
+    )
     return {
         "source": source,
         "out_dir": out_dir,
         "photos": photos,
         "ok": ok,
+        "gone": gone,
+        "new": steps.new_inputs,
         "rejected": rejected,
         "photos_per_s": rate,
     }
@@ -92,12 +110,12 @@ def _run_stage(
     photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool, stage: str, title: str
 ) -> dict:
     open_source(photos)  # a clear error for a missing or unreadable collection, before any work
-    out_dir, parts = plan_photos(photos, work, name, settings, refresh)
+    out_dir, plan = plan_photos(photos, work, name, settings, refresh)
     t0 = time.perf_counter()
     task_ = photo_part.with_options(refresh_cache=True) if refresh else photo_part
     with api_shared_with_subprocesses():
-        summaries = task_.map(unmapped(out_dir), list(range(parts)), unmapped(stage)).result()
-    return merge_photos(out_dir, summaries, time.perf_counter() - t0, title)
+        summaries = task_.map(unmapped(out_dir), plan["todo"], unmapped(stage)).result()
+    return merge_photos(out_dir, plan, summaries, time.perf_counter() - t0, title)
 
 
 @flow(name="faces", task_runner=ProcessPoolTaskRunner())

@@ -1,29 +1,33 @@
 """Read the official LSUN LMDB layout and turn it into square crops in staging shards.
 
 Layout: a `<category>_<split>_lmdb` directory holding `data.mdb`; keys are 40-hex ASCII,
-values are encoded images (WebP or JPEG in practice; we sniff, never trust). Work is cut
-into key ranges (`Partition`) so it maps over processes or Prefect tasks, and each range
-is written as one complete part or not at all, so a killed run resumes where it stopped.
+values are encoded images (WebP or JPEG in practice; we sniff, never trust). An LMDB is one
+kind of source of the extraction engine (`preprocessing.extraction`): its inputs are the keys
+in cursor (byte) order, a part is a list of keys (the first run cuts them into consecutive
+ranges of `part_size`, as before; keys added later go to new parts), and each part is written
+as one complete part or not at all, so a killed run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
-import time
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import lmdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from preprocessing.atomic import atomic_write_json
 from preprocessing.errors import UserError
+from preprocessing.extraction import ExtractionPlan, merge_manifests, plan_extraction, run_part, run_parts
 from preprocessing.images import (
     SAMPLE_EXT,
     ImageRejected,
@@ -31,34 +35,19 @@ from preprocessing.images import (
     decode_rgb,
     encode_ppm,
 )
-from preprocessing.manifest import ManifestRow, existing_plan, merge_part_manifests, read_manifest, write_manifest
+from preprocessing.manifest import SCHEMA, ManifestRow
 from preprocessing.parallel import process_pool
 from preprocessing.settings import LsunSettings
-from preprocessing.tar_shards import TarShardWriter
 
 log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[A-Za-z0-9_\-]+$")
+# inputs.parquet columns of an LMDB: the sample key (the manifest's key) and the raw LMDB key.
+LSUN_INDEX = pa.schema([("key", pa.string()), ("raw", pa.binary())])
 
 
 class LsunError(UserError):
     """A user-facing problem with an LSUN database path or its parameters."""
-
-
-@dataclass(frozen=True)
-class Partition:
-    """A contiguous key range [start, end) of one LMDB; keys are stored as hex of the raw bytes."""
-
-    source: str
-    db: str
-    index: int
-    start: str
-    end: str | None
-    count: int
-
-    @property
-    def stem(self) -> str:
-        return f"part-{self.index:06d}"
 
 
 def resolve_db(path: str | Path) -> Path:
@@ -108,25 +97,6 @@ def db_fingerprint(db: Path) -> str:
     return f"{entries}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def plan_partitions(db: Path, source: str, part_size: int) -> list[Partition]:
-    """Cut the key space into ranges of `part_size` keys (one key-only cursor pass, ~1M keys/s)."""
-    if part_size < 1:
-        raise LsunError(f"part size must be >= 1, got {part_size}")
-    starts: list[bytes] = []
-    counts: list[int] = []
-    with open_env(db).begin(buffers=False) as txn:
-        for i, key in enumerate(txn.cursor().iternext(keys=True, values=False)):
-            if i % part_size == 0:
-                starts.append(bytes(key))
-                counts.append(0)
-            counts[-1] += 1
-    parts = []
-    for i, (start, n) in enumerate(zip(starts, counts, strict=True)):
-        end = starts[i + 1].hex() if i + 1 < len(starts) else None
-        parts.append(Partition(source, str(db), i, start.hex(), end, n))
-    return parts
-
-
 def sample_key(raw: bytes) -> str:
     """The LSUN key as text when it is safe for tar names, else its hex with an `x` prefix."""
     try:
@@ -134,71 +104,6 @@ def sample_key(raw: bytes) -> str:
     except UnicodeDecodeError:
         text = ""
     return text if _SAFE.match(text) else "x" + raw.hex()
-
-
-def extract_partition(part: Partition, out_dir: Path, settings: LsunSettings) -> dict:
-    """Crop every record of `part` into `out_dir/<part>.tar`, accounting for each key in `<part>.parquet`.
-
-    A part whose manifest exists is complete (it is renamed into place last) and is skipped.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / f"{part.stem}.parquet"
-    if manifest_path.exists():
-        rows = read_manifest(manifest_path)
-        return _summary(part, rows, 0.0, skipped=True)
-    t0 = time.perf_counter()
-    min_side = settings.effective_min_side()
-    rows: list[ManifestRow] = []
-    end = bytes.fromhex(part.end) if part.end is not None else None
-    with open_env(Path(part.db)).begin(buffers=True) as txn, TarShardWriter(out_dir / f"{part.stem}.tar") as tar:
-        cursor = txn.cursor()
-        ok = cursor.set_range(bytes.fromhex(part.start))
-        while ok:
-            raw_key = bytes(cursor.key())
-            if end is not None and raw_key >= end:
-                break
-            key = sample_key(raw_key)
-            value = bytes(cursor.value())
-            row = ManifestRow(key=key, source=part.source, part=part.index, nbytes=len(value))
-            try:
-                rgb, fmt, (w, h) = decode_rgb(
-                    value, min_side=min_side, target_short_side=settings.size, max_pixels=settings.max_pixels
-                )
-                row.format, row.width, row.height = fmt, w, h
-                crop = center_crop_resize(rgb, settings.size)
-                tar.write(key, {SAMPLE_EXT: encode_ppm(crop), "json": row.sample_json()})
-            except ImageRejected as exc:
-                row.status, row.reason, row.detail = "rejected", exc.reason, exc.detail[:200]
-            rows.append(row)
-            ok = cursor.next()
-    if len(rows) != part.count:
-        raise LsunError(
-            f"{part.db}: part {part.index} holds {len(rows)} keys, planned {part.count}; "
-            "the database changed since planning (rerun with refresh)"
-        )
-    write_manifest(rows, manifest_path)
-    summary = _summary(part, rows, time.perf_counter() - t0, skipped=False)
-    log.info(
-        "%s part %d: %d ok, %d rejected, %.0f img/s",
-        part.source,
-        part.index,
-        summary["ok"],
-        len(rows) - summary["ok"],
-        len(rows) / max(summary["seconds"], 1e-9),
-    )
-    return summary
-
-
-def _summary(part: Partition, rows: list[ManifestRow], seconds: float, *, skipped: bool) -> dict:
-    reasons = Counter(r.reason for r in rows if r.status != "ok")
-    return {
-        "part": part.index,
-        "total": len(rows),
-        "ok": sum(r.status == "ok" for r in rows),
-        "rejected": dict(reasons),
-        "seconds": seconds,
-        "skipped": skipped,
-    }
 
 
 def write_lsun_lmdb(db_dir: Path, values: Iterable[bytes], keys: Iterable[str] | None = None) -> list[str]:
@@ -217,34 +122,115 @@ def write_lsun_lmdb(db_dir: Path, values: Iterable[bytes], keys: Iterable[str] |
     return keys
 
 
+@dataclass(frozen=True)
+class LsunKind:
+    """An LMDB as a source kind: inputs are its keys, fingerprinted by value length (no value is read)."""
+
+    db: str
+    source: str
+    settings: LsunSettings
+
+    name: ClassVar[str] = "lsun"
+    identity: ClassVar[str] = "key"
+    display: ClassVar[str] = "key"
+    index_schema: ClassVar[pa.Schema] = LSUN_INDEX
+    manifest_schema: ClassVar[pa.Schema] = SCHEMA
+    error: ClassVar[type[UserError]] = LsunError
+
+    def source_fingerprint(self) -> str:
+        return db_fingerprint(Path(self.db))
+
+    def list_inputs(self) -> pa.Table:
+        """One cursor pass (~1M keys/s): a value's length is in its leaf node, so its pages stay unread."""
+        keys, raws, lengths = [], [], []
+        with open_env(Path(self.db)).begin(buffers=True) as txn:
+            for key, value in txn.cursor().iternext(keys=True, values=True):
+                raw = bytes(key)
+                raws.append(raw)
+                keys.append(sample_key(raw))
+                lengths.append(str(len(value)))
+        return pa.table({"key": keys, "raw": pa.array(raws, pa.binary()), "fingerprint": lengths})
+
+    def legacy_index(self, out_dir: Path, plan: dict, listing: pa.Table) -> tuple[pa.Table, int]:
+        """Format 1 cut key ranges: a finished part holds the keys of its manifest, others the keys listed now."""
+        tables = []
+        for p in plan["partitions"]:
+            manifest = out_dir / f"part-{p['index']:06d}.parquet"
+            if manifest.exists():
+                keys = pq.read_table(manifest, columns=["key"])["key"]
+                n = len(keys)
+                t = pa.table({"key": keys, "raw": pa.nulls(n, pa.binary()), "fingerprint": pa.nulls(n, pa.string())})
+            else:
+                inside = pc.greater_equal(listing["raw"], pa.scalar(bytes.fromhex(p["start"]), pa.binary()))
+                if p["end"] is not None:
+                    below = pc.less(listing["raw"], pa.scalar(bytes.fromhex(p["end"]), pa.binary()))
+                    inside = pc.and_(inside, below)
+                t = listing.filter(inside)
+            n = t.num_rows
+            tables.append(t.append_column("part", pa.repeat(pa.scalar(p["index"], pa.int32()), n)))
+        index = pa.concat_tables(tables) if tables else listing.schema.empty_table().append_column(
+            "part", pa.array([], pa.int32())
+        )
+        return index.append_column("gone", pa.repeat(pa.scalar(False), index.num_rows)), len(plan["partitions"])
+
+    def process(self, part: int, refs: list[dict]) -> Iterator[tuple[dict, dict[str, bytes] | None]]:
+        settings = self.settings
+        min_side = settings.effective_min_side()
+        with open_env(Path(self.db)).begin(buffers=True) as txn:
+            for ref in refs:
+                value = txn.get(ref["raw"])
+                if value is None:
+                    raise LsunError(
+                        f"{self.db}: key {ref['key']} of part {part} is gone; the database changed since "
+                        "planning: rerun to replan"
+                    )
+                value = bytes(value)
+                row = ManifestRow(key=ref["key"], source=self.source, part=part, nbytes=len(value))
+                files = None
+                try:
+                    rgb, fmt, (w, h) = decode_rgb(
+                        value, min_side=min_side, target_short_side=settings.size, max_pixels=settings.max_pixels
+                    )
+                    row.format, row.width, row.height = fmt, w, h
+                    crop = center_crop_resize(rgb, settings.size)
+                    files = {SAMPLE_EXT: encode_ppm(crop), "json": row.sample_json()}
+                except ImageRejected as exc:
+                    row.status, row.reason, row.detail = "rejected", exc.reason, exc.detail[:200]
+                yield asdict(row), files
+
+
+def plan_settings(db: Path, settings: LsunSettings) -> dict:
+    """What plan.json records of an LSUN extraction (a change in any is refused without refresh)."""
+    return {
+        "db": str(db),
+        "size": settings.size,
+        "part_size": settings.part_size,
+        "max_pixels": settings.max_pixels,
+        "min_side": settings.effective_min_side(),
+    }
+
+
 def prepare_extraction(
     db: str | Path, work: Path, settings: LsunSettings, *, name: str | None = None
-) -> tuple[Path, list[Partition]]:
-    """Validate inputs and plan (or reload the plan of) an extraction into `work/extract/<source>`.
+) -> tuple[Path, ExtractionPlan]:
+    """Validate inputs and plan (or extend the plan of) an extraction into `work/extract/<source>`.
 
-    A plan that exists for other inputs or settings is never mixed with new parts: the
-    caller gets a clear error and must refresh the stage on purpose.
+    Keys added to the database since the last run go to new parts; finished parts are kept as
+    they are. Other settings, or changed values under old keys, are refused with a clear error.
     """
     db_path = resolve_db(db)
     source = name or source_name(db_path)
     if not _SAFE.match(source):
         raise LsunError(f"source name {source!r} may hold only letters, digits, '_' and '-'")
     out_dir = Path(work) / "extract" / source
-    recorded = {
-        "db": str(db_path),
-        "fingerprint": db_fingerprint(db_path),
-        "size": settings.size,
-        "part_size": settings.part_size,
-        "max_pixels": settings.max_pixels,
-        "min_side": settings.effective_min_side(),
-    }
-    plan = existing_plan(out_dir, recorded, LsunError)
-    if plan is not None:
-        return out_dir, [Partition(**p) for p in plan["partitions"]]
-    parts = plan_partitions(db_path, source, settings.part_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "plan.json", {"settings": recorded, "partitions": [asdict(p) for p in parts]})
-    return out_dir, parts
+    kind = LsunKind(str(db_path), source, settings)
+    return out_dir, plan_extraction(out_dir, kind, plan_settings(db_path, settings), settings.part_size)
+
+
+def extract_partition(out_dir: Path, part: int, settings: LsunSettings) -> dict:
+    """Crop every record of one part into `out_dir/<part>.tar`, each key accounted for in `<part>.parquet`."""
+    plan = json.loads((out_dir / "plan.json").read_text())
+    return run_part(out_dir, part, LsunKind(plan["settings"]["db"], out_dir.name, settings))
 
 
 def extract_lsun(
@@ -255,16 +241,10 @@ def extract_lsun(
     name: str | None = None,
     workers: int | None = None,
 ) -> pa.Table:
-    """Plan, extract every partition on a process pool, and merge the manifest (no Prefect)."""
+    """Plan, extract the parts still to do on a process pool, and merge the manifest (no Prefect)."""
     settings = settings or LsunSettings()
-    out_dir, parts = prepare_extraction(db, work, settings, name=name)
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or len(parts) <= 1:
-        for p in parts:
-            extract_partition(p, out_dir, settings)
-    else:
-        with process_pool(workers, initializer=forget_envs) as pool:
-            job = partial(extract_partition, out_dir=out_dir, settings=settings)
-            for done, _ in enumerate(pool.map(job, parts), 1):
-                log.info("extracted %d/%d parts", done, len(parts))
-    return merge_part_manifests(out_dir, len(parts))
+    out_dir, plan = prepare_extraction(db, work, settings, name=name)
+    job = partial(extract_partition, out_dir, settings=settings)
+    pool = partial(process_pool, initializer=forget_envs)
+    run_parts(job, plan.todo, workers or os.cpu_count() or 1, pool, out_dir.name)
+    return merge_manifests(out_dir, LsunKind(str(resolve_db(db)), out_dir.name, settings))

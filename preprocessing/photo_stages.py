@@ -1,41 +1,37 @@
 """Stages that turn a photo collection into crops: faces (0..n per photo) and ingest (1 per photo).
 
-Same contracts as LSUN extraction (README, "Work directory"): `work/extract/<source>/` holds
-plan.json, inputs.parquet (the photo index), per-part staging tars and manifests written
-atomically, and the merged manifest. Manifest rows: one per detection (kept, or rejected as
-too small) and one per photo that yields no crop, with the reason. So every input photo is
-accounted for, and crops join back to photos through photo_key, photo_path and the box.
+A photo collection is one kind of source of the extraction engine (`preprocessing.extraction`),
+as an LSUN LMDB is, so planning, incremental reruns, parts and merging are shared:
+`work/extract/<source>/` holds plan.json, inputs.parquet (the photo index with each photo's
+part), per-part staging tars and manifests written atomically, and the merged manifest.
+Manifest rows: one per detection (kept, or rejected as too small) and one per photo that
+yields no crop, with the reason. So every input photo is accounted for, and crops join back to
+photos through photo_key, photo_path and the box.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocessing.atomic import atomic_write_json
 from preprocessing.errors import UserError
+from preprocessing.extraction import ExtractionPlan, merge_manifests, plan_extraction, run_part, run_parts
 from preprocessing.faces import DetectorConfig, FaceDetector, file_sha256, square_crop
 from preprocessing.images import SAMPLE_EXT, ImageRejected, center_crop_resize, decode_rgb, encode_ppm
-from preprocessing.manifest import SCHEMA, existing_plan, write_table
+from preprocessing.manifest import SCHEMA
 from preprocessing.parallel import process_pool
-from preprocessing.photos import PhotoSource, list_photos, open_source, read_photos
+from preprocessing.photos import INPUT_SCHEMA, PhotoSource, list_photos, open_source, read_photos, source_fingerprint
 from preprocessing.settings import FacesSettings, IngestSettings
-from preprocessing.tar_shards import TarShardWriter
-
-log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -64,47 +60,45 @@ class StageError(UserError):
 CropFn = Callable[[np.ndarray, dict], list[tuple[dict, np.ndarray | None]]]
 
 
-def prepare_photo_stage(
-    photos: str | Path, work: Path, name: str, settings: FacesSettings | IngestSettings
-) -> tuple[Path, int]:
-    """Index the collection and plan row-range parts; refuse to mix with other settings or inputs."""
-    if not _SAFE.match(name):
-        raise StageError(f"source name {name!r} may hold only letters, digits, '_' and '-'")
-    plan_settings = face_plan(settings) if isinstance(settings, FacesSettings) else ingest_plan(settings)
-    part_size = settings.part_size
-    src = open_source(photos)
-    out_dir = Path(work) / "extract" / name
-    full = {**plan_settings, "photos": src.path, "kind": src.kind, "part_size": part_size}
-    plan = existing_plan(out_dir, full, StageError)
-    if plan is not None:
-        return out_dir, int(plan["parts"])
-    index = list_photos(src, labels_from_folders=plan_settings.get("labels_from_folders", False))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_table(index, out_dir / "inputs.parquet")
-    parts = (index.num_rows + part_size - 1) // part_size
-    atomic_write_json(out_dir / "plan.json", {"settings": full, "parts": parts, "photos": index.num_rows})
-    return out_dir, parts
+@dataclass(frozen=True)
+class PhotoKind:
+    """A folder, tar or table of photos as a source kind; `stage` picks the crop function."""
 
+    src: PhotoSource
+    settings: dict  # the plan's settings (plain values, so a part needs no settings model)
+    stage: str
+    source: str
 
-def run_photo_part(out_dir: Path, part: int, crop_fn_factory: Callable[[dict], CropFn]) -> dict:
-    """Process one row range of inputs.parquet into `part-NNNNNN.{tar,parquet}` (skip if complete)."""
-    stem = f"part-{part:06d}"
-    manifest_path = out_dir / f"{stem}.parquet"
-    if manifest_path.exists():
-        return _summary(part, pq.read_table(manifest_path), 0.0, skipped=True)
-    plan = json.loads((out_dir / "plan.json").read_text())
-    settings = plan["settings"]
-    part_size = settings["part_size"]
-    src = PhotoSource(settings["photos"], settings["kind"])
-    refs = pq.read_table(out_dir / "inputs.parquet").slice(part * part_size, part_size).to_pylist()
-    crop_fn = crop_fn_factory(settings)
-    source = out_dir.name
-    t0 = time.perf_counter()
-    rows: list[dict] = []
-    with TarShardWriter(out_dir / f"{stem}.tar") as tar:
-        for ref, data, error in read_photos(src, refs):
+    identity: ClassVar[str] = "photo_key"
+    display: ClassVar[str] = "photo_path"
+    index_schema: ClassVar[pa.Schema] = INPUT_SCHEMA
+    manifest_schema: ClassVar[pa.Schema] = PHOTO_SCHEMA
+    error: ClassVar[type[UserError]] = StageError
+
+    @property
+    def name(self) -> str:
+        return self.src.kind
+
+    def source_fingerprint(self) -> str | None:
+        return source_fingerprint(self.src)
+
+    def list_inputs(self) -> pa.Table:
+        return list_photos(self.src, labels_from_folders=self.settings.get("labels_from_folders", False))
+
+    def legacy_index(self, out_dir: Path, plan: dict, listing: pa.Table) -> tuple[pa.Table, int]:
+        """Format 1 kept the index without parts: part i held rows [i * part_size, (i + 1) * part_size)."""
+        index = pq.read_table(out_dir / "inputs.parquet", schema=INPUT_SCHEMA)
+        n, part_size = index.num_rows, self.settings["part_size"]
+        index = index.append_column("fingerprint", pa.nulls(n, pa.string()))
+        index = index.append_column("part", pa.array([i // part_size for i in range(n)], pa.int32()))
+        return index.append_column("gone", pa.repeat(pa.scalar(False), n)), int(plan["parts"])
+
+    def process(self, part: int, refs: list[dict]) -> Iterator[tuple[dict, dict[str, bytes] | None]]:
+        settings = self.settings
+        crop_fn = STAGES[self.stage](settings)
+        for ref, data, error in read_photos(self.src, refs):
             base = {
-                "source": source,
+                "source": self.source,
                 "part": part,
                 "photo_key": ref["photo_key"],
                 "photo_path": ref["photo_path"],
@@ -112,95 +106,72 @@ def run_photo_part(out_dir: Path, part: int, crop_fn_factory: Callable[[dict], C
                 "nbytes": len(data or b""),
             }
             if error is not None:
-                rows.append(
-                    {**base, "key": ref["photo_key"], "status": "rejected", "reason": "unreadable", "detail": error}
-                )
+                unreadable = {"key": ref["photo_key"], "status": "rejected", "reason": "unreadable", "detail": error}
+                yield {**base, **unreadable}, None
                 continue
             try:
                 rgb, fmt, (w, h) = decode_rgb(
                     data or b"", max_pixels=settings["max_pixels"], target_short_side=settings.get("decode_short_side")
                 )
             except ImageRejected as exc:
-                rows.append(
-                    {
-                        **base,
-                        "key": ref["photo_key"],
-                        "status": "rejected",
-                        "reason": exc.reason,
-                        "detail": exc.detail[:200],
-                    }
-                )
+                reason, detail = exc.reason, exc.detail[:200]
+                yield {**base, "key": ref["photo_key"], "status": "rejected", "reason": reason, "detail": detail}, None
                 continue
             base.update(format=fmt, width=w, height=h)
             for fields, crop in crop_fn(rgb, ref):
                 row = {**base, **fields}
-                rows.append(row)
+                files = None
                 if crop is not None:
-                    meta = {
-                        k: row[k]
-                        for k in (
-                            "key",
-                            "source",
-                            "photo_key",
-                            "photo_path",
-                            "label",
-                            "face_index",
-                            "box_x",
-                            "box_y",
-                            "box_w",
-                            "box_h",
-                            "score",
-                            "detector",
-                        )
-                        if k in row
-                    }
-                    tar.write(
-                        row["key"], {SAMPLE_EXT: encode_ppm(crop), "json": json.dumps(meta, sort_keys=True).encode()}
-                    )
-    table = pa.Table.from_pylist(rows, schema=PHOTO_SCHEMA)
-    write_table(table, manifest_path)
-    summary = _summary(part, table, time.perf_counter() - t0, skipped=False)
-    log.info(
-        "%s part %d: %d photos, %d crops, %.1f photos/s",
-        source,
-        part,
-        summary["photos"],
-        summary["ok"],
-        summary["photos"] / max(summary["seconds"], 1e-9),
-    )
-    return summary
+                    meta = {k: row[k] for k in SAMPLE_META if k in row}
+                    files = {SAMPLE_EXT: encode_ppm(crop), "json": json.dumps(meta, sort_keys=True).encode()}
+                yield row, files
 
 
-def _summary(part: int, table: pa.Table, seconds: float, *, skipped: bool) -> dict:
-    status = table["status"].to_pylist()
-    reasons = Counter(r for r, s in zip(table["reason"].to_pylist(), status, strict=True) if s != "ok")
-    return {
-        "part": part,
-        "rows": table.num_rows,
-        "photos": len(pc.unique(table["photo_key"])),
-        "ok": status.count("ok"),
-        "rejected": dict(reasons),
-        "seconds": seconds,
-        "skipped": skipped,
-    }
+# The per-sample JSON next to each crop in the staging shards.
+SAMPLE_META = (
+    "key",
+    "source",
+    "photo_key",
+    "photo_path",
+    "label",
+    "face_index",
+    "box_x",
+    "box_y",
+    "box_w",
+    "box_h",
+    "score",
+    "detector",
+)
+
+
+def prepare_photo_stage(
+    photos: str | Path, work: Path, name: str, settings: FacesSettings | IngestSettings
+) -> tuple[Path, ExtractionPlan]:
+    """Index the collection and plan (or extend the plan of) its parts; refuse other settings or changed photos."""
+    if not _SAFE.match(name):
+        raise StageError(f"source name {name!r} may hold only letters, digits, '_' and '-'")
+    plan_settings = face_plan(settings) if isinstance(settings, FacesSettings) else ingest_plan(settings)
+    src = open_source(photos)
+    out_dir = Path(work) / "extract" / name
+    full = {**plan_settings, "photos": src.path, "kind": src.kind, "part_size": settings.part_size}
+    kind = PhotoKind(src, full, full["stage"], name)
+    return out_dir, plan_extraction(out_dir, kind, full, settings.part_size)
+
+
+def photo_kind(out_dir: Path) -> PhotoKind:
+    """The source kind of an existing photo extraction, from its plan."""
+    settings = json.loads((out_dir / "plan.json").read_text())["settings"]
+    return PhotoKind(PhotoSource(settings["photos"], settings["kind"]), settings, settings["stage"], out_dir.name)
+
+
+def run_photo_part(out_dir: Path, part: int) -> dict:
+    """Process one part of the photo index into `part-NNNNNN.{tar,parquet}` (skipped if complete)."""
+    return run_part(out_dir, part, photo_kind(out_dir))
 
 
 def merge_photo_manifests(out_dir: Path) -> pa.Table:
     """Concatenate part manifests; verify every indexed photo is accounted for exactly once."""
-    plan = json.loads((out_dir / "plan.json").read_text())
-    paths = [out_dir / f"part-{i:06d}.parquet" for i in range(plan["parts"])]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise StageError(f"{out_dir}: {len(missing)} parts incomplete, e.g. {missing[:3]}")
-    table = pa.concat_tables([pq.read_table(p, schema=PHOTO_SCHEMA) for p in paths])
-    inputs = pq.read_table(out_dir / "inputs.parquet", columns=["photo_key"])
-    seen = set(table["photo_key"].to_pylist())
-    if seen != set(inputs["photo_key"].to_pylist()):
-        raise StageError(f"{out_dir}: manifest does not account for every input photo")
-    if len(pc.unique(table["key"])) != table.num_rows:
-        raise StageError(f"{out_dir}: duplicate keys in the manifest")
-    write_table(table, out_dir / "manifest.parquet")
-    return table
+    return merge_manifests(out_dir, photo_kind(out_dir))
 
 
 # -- faces ---------------------------------------------------------------------------------
@@ -300,16 +271,8 @@ STAGES: dict[str, Callable[[dict], CropFn]] = {"faces": face_crops, "ingest": in
 def run_photo_stage(
     photos: str | Path, work: Path, name: str, settings: FacesSettings | IngestSettings, *, workers: int | None = None
 ) -> pa.Table:
-    """Plan, process every part on a process pool, merge (the Prefect-free driver)."""
-    out_dir, parts = prepare_photo_stage(photos, work, name, settings)
-    stage = "faces" if isinstance(settings, FacesSettings) else "ingest"
-    job = partial(run_photo_part, out_dir, crop_fn_factory=STAGES[stage])
-    workers = workers or os.cpu_count() or 1
-    if workers == 1 or parts == 1:
-        for i in range(parts):
-            job(i)
-    else:
-        with process_pool(workers) as pool:
-            for done, _ in enumerate(pool.map(job, range(parts)), 1):
-                log.info("%s: %d/%d parts", name, done, parts)
+    """Plan, process the parts still to do on a process pool, merge (the Prefect-free driver)."""
+    out_dir, plan = prepare_photo_stage(photos, work, name, settings)
+    job = partial(run_photo_part, out_dir)
+    run_parts(job, plan.todo, workers or os.cpu_count() or 1, process_pool, name)
     return merge_photo_manifests(out_dir)

@@ -1,14 +1,17 @@
 """Photo collections as inputs: a folder tree, a tar of photos, or a Parquet table of bytes.
 
-`list_photos` indexes a collection once into a table (key, path, label, locator) that the
-stage keeps as `inputs.parquet`; partitions are row ranges of it, and `read_photos` fetches
-the bytes of one range. Keys are stable: a hash of the relative path (folders, tars) or the
-table's own key, so reruns and resumes line up.
+`list_photos` indexes a collection into a table (key, path, label, locator, fingerprint) that
+the extraction engine keeps as `inputs.parquet` with the part of each photo, and `read_photos`
+fetches the bytes of one part. Keys are stable: a hash of the relative path (folders, tars) or
+the table's own key, so reruns, resumes and a grown collection line up. Fingerprints tell a
+changed photo under an old key: size and mtime (folder files, tar members), or a hash of the
+row's bytes (tables).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tarfile
 from collections.abc import Iterator
@@ -31,6 +34,7 @@ INPUT_SCHEMA = pa.schema(
         ("size", pa.int64()),  # tar: member size; else -1
     ]
 )
+LISTING_SCHEMA = pa.schema(list(INPUT_SCHEMA) + [("fingerprint", pa.string())])
 # Files with these endings in a folder are never photos; anything else is sniffed.
 _SKIP_SUFFIXES = {".txt", ".json", ".xml", ".csv", ".md", ".parquet", ".py", ".pdf", ".zip"}
 
@@ -68,22 +72,29 @@ def open_source(path: str | Path) -> PhotoSource:
     raise PhotoSourceError(f"{p} is neither a folder, a tar of photos, nor a .parquet table")
 
 
+def source_fingerprint(src: PhotoSource) -> str | None:
+    """Size and mtime of a tar or table file; None for a folder (only a listing tells what changed)."""
+    if src.kind == "folder":
+        return None
+    st = Path(src.path).stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def list_photos(src: PhotoSource, *, labels_from_folders: bool = False) -> pa.Table:
-    """Index every photo of the collection (sorted, so the index is deterministic)."""
+    """Index every photo of the collection (sorted, so the index is deterministic), with its fingerprint."""
     rows: list[tuple] = []
     if src.kind == "folder":
-        root = Path(src.path)
-        files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() not in _SKIP_SUFFIXES)
-        for f in files:
-            rel = f.relative_to(root).as_posix()
+        files = sorted(_walk(src.path), key=lambda f: f[0].split("/"))  # the order of sorted(Path.rglob(...))
+        for rel, st in files:
             label = rel.split("/")[0] if labels_from_folders and "/" in rel else None
-            rows.append((_path_key(rel), rel, label, -1, -1))
+            rows.append((_path_key(rel), rel, label, -1, -1, f"{st.st_size}:{st.st_mtime_ns}"))
     elif src.kind == "tar":
         with tarfile.open(src.path, mode="r:") as tar:
             for info in tar:
                 if info.isfile() and Path(info.name).suffix.lower() not in _SKIP_SUFFIXES:
                     label = info.name.split("/")[0] if labels_from_folders and "/" in info.name else None
-                    rows.append((_path_key(info.name), info.name, label, info.offset_data, info.size))
+                    fingerprint = f"{info.size}:{info.mtime}"
+                    rows.append((_path_key(info.name), info.name, label, info.offset_data, info.size, fingerprint))
         rows.sort(key=lambda r: r[1])
     else:
         schema = pq.read_schema(src.path)
@@ -97,14 +108,40 @@ def list_photos(src: PhotoSource, *, labels_from_folders: bool = False) -> pa.Ta
         table = pq.read_table(src.path, columns=cols)
         keys = table.column("key").to_pylist()
         labels = table.column("label").to_pylist() if "label" in cols else [None] * len(keys)
-        for i, (k, lab) in enumerate(zip(keys, labels, strict=True)):
-            rows.append((table_key(k, i), str(k), None if lab is None else str(lab), i, -1))
+        hashes = _row_hashes(src.path)
+        for i, (k, lab, fp) in enumerate(zip(keys, labels, hashes, strict=True)):
+            rows.append((table_key(k, i), str(k), None if lab is None else str(lab), i, -1, fp))
     if not rows:
         raise PhotoSourceError(f"{src.path} holds no files to read as photos")
-    table = pa.Table.from_pylist([dict(zip(INPUT_SCHEMA.names, r, strict=True)) for r in rows], schema=INPUT_SCHEMA)
+    names = LISTING_SCHEMA.names
+    table = pa.Table.from_pylist([dict(zip(names, r, strict=True)) for r in rows], schema=LISTING_SCHEMA)
     if len(pc.unique(table["photo_key"])) != table.num_rows:
         raise PhotoSourceError(f"{src.path}: photo keys are not unique (duplicate table keys?)")
     return table
+
+
+def _walk(root: str, prefix: str = "") -> Iterator[tuple[str, os.stat_result]]:
+    """(relative path, stat) of every file below `root` that may be a photo; one stat per file.
+
+    As `Path.rglob("*")` does: symlinked files are followed, symlinked folders are not entered.
+    """
+    with os.scandir(root) as entries:
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_dir() and not entry.is_symlink():
+                yield from _walk(entry.path, rel + "/")
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() not in _SKIP_SUFFIXES:
+                yield rel, entry.stat()
+
+
+def _row_hashes(path: str) -> list[str]:
+    """A content hash of each row's image bytes, one row group at a time."""
+    hashes = []
+    for batch in pq.ParquetFile(path).iter_batches(columns=["image"], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            data = value.encode("latin-1") if isinstance(value, str) else value or b""
+            hashes.append(hashlib.blake2b(data, digest_size=10).hexdigest())
+    return hashes
 
 
 def read_photos(src: PhotoSource, refs: list[dict]) -> Iterator[tuple[dict, bytes | None, str | None]]:

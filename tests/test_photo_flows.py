@@ -64,6 +64,30 @@ def test_faces_cli_bad_inputs_exit_cleanly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ingest_cli_rerun_on_a_grown_folder_extracts_only_the_new_images(
+    prefect_api: None, photo_values: list[bytes], tmp_path: Path
+) -> None:
+    folder = tmp_path / "imgs"
+    (folder / "cls").mkdir(parents=True)
+    for i, v in enumerate(photo_values[:6]):
+        (folder / "cls" / f"{i}.jpg").write_bytes(v)
+    args = ["ingest", "--images", str(folder), "--work", str(tmp_path / "w"), "--part-size", "3"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and "6 images -> 6 crops" in first.output, first.output
+    for i, v in enumerate(photo_values[6:10], 6):
+        (folder / "cls" / f"{i}.jpg").write_bytes(v)
+    (folder / "cls" / "0.jpg").unlink()
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and "10 images -> 9 crops" in second.output, second.output
+    report = (tmp_path / "w" / "reports" / "extract-images-imgs.md").read_text()
+    for row in ("| new inputs | 4 |", "| new parts | 2 |", "| parts reused | 2 |", "| inputs gone | 1 |"):
+        assert row in report, report
+    (folder / "cls" / "1.jpg").write_bytes(photo_values[20])
+    changed = runner.invoke(app, args)
+    assert changed.exit_code == 2 and "1 inputs changed" in changed.output and "--refresh" in changed.output
+
+
+@pytest.mark.slow
 def test_pipeline_mixes_lsun_faces_and_image_tables(
     prefect_api: None, celeba_subset: Path, photo_values: list[bytes], tmp_path: Path
 ) -> None:
