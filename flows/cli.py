@@ -68,12 +68,22 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 @user_errors
 def demo(
     work: Work = Path("work/demo"),
-    steps: Annotated[int, typer.Option(help="training steps (about 0.6 s each on 2 CPU cores)")] = 200,
-    records: Annotated[int, typer.Option(help="demo LMDB records")] = 3000,
+    steps: Annotated[int, typer.Option(help="training steps (about 0.3 s each on 2 CPU cores)")] = 200,
+    records: Annotated[int, typer.Option(help="demo LMDB records of the first batch")] = 3000,
+    grow: Annotated[int, typer.Option(help="records of the second batch (0: no second batch)")] = 600,
 ) -> None:
-    """Whole pipeline on the embedded demo data: build LMDB, extract, shard, train, report."""
+    """Whole pipeline on the embedded demo data; then a second batch arrives, alone processed, and a retrain decides.
+
+    1. Build the demo LMDB, extract, dedup, shard, train (the first champion), evaluate, report.
+    2. Add `grow` records to the LMDB and rerun the pipeline without training: extraction,
+       dedup and sharding take in the new records only (a new shard version).
+    3. Retrain: a challenger on the grown shards, promoted only if it beats the champion.
+    """
+    import yaml
+
     from flows.config import load_config
     from flows.pipeline import check_pipeline, pipeline_flow
+    from flows.retrain import retrain_flow
 
     work.mkdir(parents=True, exist_ok=True)
     config = work / "demo.yaml"
@@ -81,11 +91,31 @@ def demo(
     check_pipeline(load_config(config), [])
     result = pipeline_flow(str(config))
     train = result["train"]
-    typer.secho("\nDemo finished.", fg="green", bold=True)
+    typer.secho("\nDemo, first batch: done.", fg="green", bold=True)
     typer.echo(f"  samples:    {train['samples']}")
     typer.echo(f"  checkpoint: {train['checkpoint']}")
     typer.echo(f"  metrics:    {Path(train['run_dir']) / 'metrics.jsonl'}")
     typer.echo(f"  report:     {result['report']}")
+    if grow < 1:
+        return
+    second = yaml.safe_load(config.read_text())
+    second["sources"][0]["records"] = records + grow
+    second["train"]["enabled"] = False
+    grown = work / "demo-grown.yaml"
+    grown.write_text(yaml.safe_dump(second, sort_keys=False))
+    again = pipeline_flow(str(grown))
+    new = sum(r.get("new", 0) for r in again["extract"])
+    typer.secho(f"\nDemo, second batch of {grow} records: done.", fg="green", bold=True)
+    typer.echo(f"  extracted:  {new} new records only (the report says so: {again['report']})")
+    typer.echo(
+        f"  dedup:      {again['dedup']['new_items']} new items, {again['dedup']['duplicates_of_existing']} "
+        f"duplicates of kept ones, {again['dedup']['duplicates_among_new']} among themselves"
+    )
+    shards = again["shards"]
+    typer.echo(f"  shards:     version {shards['version']}, {shards['added']} samples added ({shards['total']} in all)")
+    decision = retrain_flow(str(work), RetrainSettings())
+    typer.echo(f"  retrain:    {decision['decision']}: {decision['reason']}")
+    typer.echo(f"  models:     dcgan-pipeline models --work {work}")
 
 
 @app.command()

@@ -25,7 +25,7 @@ from flows.evaluate import evaluate_flow
 from flows.lsun import check_lsun, lsun_extract_flow
 from flows.photos import faces_flow, ingest_flow
 from flows.reports import report_key
-from flows.shard import shard_flow
+from flows.shard import announce_new_version, shard_flow
 from flows.train import train_flow
 from preprocessing.demo_data import build_demo_lmdb
 from preprocessing.photo_stages import face_plan
@@ -101,7 +101,7 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
         deduped = dedup_flow(cfg.work, stage_settings(DedupSettings, cfg.dedup), refresh="dedup" in refresh)
         reports.append("dedup")
     shard_settings = cfg.shard.model_copy(update={"dedup": cfg.shard.dedup and cfg.dedup.enabled})
-    shards = shard_flow(cfg.work, shard_settings, refresh="shard" in refresh)
+    shards = shard_flow(cfg.work, shard_settings, refresh="shard" in refresh, announce=False)
     reports.append("shards")
     trained = evaluated = None
     if cfg.train.enabled:
@@ -110,6 +110,8 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
         if cfg.evaluate.enabled:
             evaluated = evaluate_flow(trained["run_dir"], stage_settings(EvaluateSettings, cfg.evaluate))
             reports.append(f"eval-{Path(trained['run_dir']).name}")
+    if shards and shards["added"]:
+        announce_new_version(cfg.work, shards)  # after training: a retrain it triggers finds this run registered
     return {
         "extract": extracted,
         "dedup": deduped,

@@ -27,12 +27,15 @@ from preprocessing.sharding import read_index, samples_added_since
 
 
 def _skip_reason(work: Path, settings: RetrainSettings) -> str | None:
-    """Why no challenger is needed (the champion saw these shards), or None."""
+    """Why no challenger is needed (the champion, or an earlier challenger, saw these shards), or None."""
     registry = load_registry(work)
     if registry.champion is None:
         return None
     champion = registry.runs[registry.champion]
     version = read_index(work / "shards")["version"]
+    tried = [n for n, r in registry.runs.items() if n.startswith("retrain-") and r.dataset_version == version]
+    if tried and tried[-1] != registry.champion:
+        return f"challenger {tried[-1]} already trained on shard version {version} and was not promoted"
     added = samples_added_since(work / "shards", champion.dataset_version)
     if version == champion.dataset_version or added < settings.min_new_samples:
         return (

@@ -66,11 +66,17 @@ def write_shards(work: str, settings: ShardSettings, rebuild: bool = False) -> d
 
 
 @flow(name="shard")
-def shard_flow(work: str, settings: ShardSettings = ShardSettings(), refresh: bool = False) -> dict:
-    """Write `work/shards/` from every extracted source (honouring dedup keep flags unless settings.dedup is off)."""
+def shard_flow(
+    work: str, settings: ShardSettings = ShardSettings(), refresh: bool = False, announce: bool = True
+) -> dict:
+    """Write `work/shards/` from every extracted source (honouring dedup keep flags unless settings.dedup is off).
+
+    A new version is announced as the event `dcgan.dataset.updated` (the pipeline passes
+    `announce=False` and announces once it has finished, training included).
+    """
     task_ = write_shards.with_options(refresh_cache=True) if refresh else write_shards
     result = task_(work, settings, rebuild=refresh)
-    if result["added"]:
+    if announce and result["added"]:
         announce_new_version(work, result)
     return result
 

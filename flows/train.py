@@ -10,7 +10,7 @@ from prefect.logging import get_run_logger
 from dcgan.data import shard_urls
 from dcgan.evaluation.fixed_protocol import fixed_protocol
 from dcgan.launch import run_dir_for, run_training
-from dcgan.registry import register_run
+from dcgan.registry import challenge, load_registry, register_run
 from dcgan.settings import TrainSettings
 from dcgan.train import TrainConfig, resolve_device
 from flows.reports import publish
@@ -52,11 +52,17 @@ def train_dcgan(cfg: TrainConfig, resume: bool) -> dict:
 
 @task
 def register_trained_run(work: str, cfg: TrainConfig) -> dict:
-    """Measure the finished run on the fixed protocol and record it in the model registry."""
+    """Measure the finished run on the fixed protocol and record it in the model registry.
+
+    The first run of a work directory becomes its champion (there is nothing to compare with);
+    later ones are registered only: `retrain` or `models --promote` decide.
+    """
     run_dir = Path(cfg.run_dir)
     version = read_index(Path(cfg.shards))["version"]
     metrics = fixed_protocol(run_dir, Path(cfg.shards), device=str(resolve_device(cfg.device)))
     register_run(Path(work), run_dir.name, run_dir, version, cfg.model_dump(), metrics)
+    if load_registry(Path(work)).champion is None:
+        challenge(Path(work), run_dir.name)
     return metrics
 
 
@@ -73,7 +79,7 @@ def train_flow(
     `settings.nproc_per_node` > 1 trains data-parallel under torchrun (one process per GPU;
     batch_size is per process). The fast-path switches apply on CUDA; `loop=textbook` is pytorch/examples'.
     With `add_to_registry` the finished run is measured on the fixed protocol and recorded in
-    `work/models/registry.json` (it does not become the champion: `retrain` or `models --promote` decide).
+    `work/models/registry.json` (the first becomes the champion; then `retrain` or `models --promote` decide).
     """
     check_train(work, settings)
     run_dir = run_dir_for(work, run, resume)

@@ -8,9 +8,11 @@ deliberately broken records show the rejection accounting at work.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
+import lmdb
 import numpy as np
 from PIL import Image
 from skimage import data as skdata
@@ -28,12 +30,8 @@ def demo_photos() -> list[np.ndarray]:
     return [p[..., :3] for p in photos if p.ndim == 3]
 
 
-def build_demo_lmdb(db_dir: Path, records: int = 3000, seed: int = 0) -> Path:
-    """Write `records` crops (plus three broken values) as `db_dir`, an LSUN-layout LMDB."""
-    if records < 1:
-        raise ValueError(f"records must be >= 1, got {records}")
-    if (db_dir / "data.mdb").exists():
-        return db_dir
+def demo_values(records: int, seed: int = 0) -> list[bytes]:
+    """The first `records` demo crops, JPEG and WebP in turn; a larger count extends the same sequence."""
     rng = np.random.default_rng(seed)
     photos = [Image.fromarray(p) for p in demo_photos()]
     values: list[bytes] = []
@@ -53,7 +51,37 @@ def build_demo_lmdb(db_dir: Path, records: int = 3000, seed: int = 0) -> Path:
         else:
             crop.save(buf, "JPEG", quality=85)
         values.append(buf.getvalue())
+    return values
+
+
+def build_demo_lmdb(db_dir: Path, records: int = 3000, seed: int = 0) -> Path:
+    """Write `records` crops (plus three broken values) as `db_dir`, an LSUN-layout LMDB.
+
+    A database built with fewer records grows: the records after the ones it holds are added
+    under new keys, as new photos arrive at a scraper (the demo's second batch).
+    """
+    if records < 1:
+        raise ValueError(f"records must be >= 1, got {records}")
+    if (db_dir / "data.mdb").exists():
+        _grow(db_dir, records, seed)
+        return db_dir
+    values = demo_values(records, seed)
     for broken in BROKEN:
         values.append(values[0][: len(values[0]) // 3] if broken is None else broken)
     write_lsun_lmdb(db_dir, values)
     return db_dir
+
+
+def _grow(db_dir: Path, records: int, seed: int) -> None:
+    env = lmdb.open(str(db_dir), subdir=True)
+    try:
+        held = env.stat()["entries"] - len(BROKEN)
+        if records <= held:
+            return
+        new = demo_values(records, seed)[held:]
+        env.set_mapsize(env.info()["map_size"] + 2 * sum(len(v) + 128 for v in new))
+        with env.begin(write=True) as txn:
+            for i, value in enumerate(new, start=held):
+                txn.put(hashlib.sha1(f"demo-{seed}-{i}".encode() + value).hexdigest().encode("ascii"), value)
+    finally:
+        env.close()

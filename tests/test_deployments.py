@@ -31,7 +31,7 @@ DEPLOYMENTS = {
     "dedup/dedup",
     "shard/shard",
     "train/train",
-    "train/retrain",
+    "retrain/retrain",
     "evaluate/evaluate",
 }
 
@@ -136,6 +136,24 @@ def test_server_deploy_run_down(tmp_path: Path) -> None:
         assert index["total"] > 0
         assert list(work.glob("train/*/checkpoints/*.pt"))
         assert (work / "report.md").read_text().strip()
+
+        # The pipeline's shard stage wrote version 1 and emitted dcgan.dataset.updated: the retrain deployment's
+        # trigger starts a retrain of this work directory by itself; the pipeline's run, the champion, saw it.
+        retrain, deadline = None, time.monotonic() + 300
+        while time.monotonic() < deadline:
+            ls = ["prefect", "flow-run", "ls", "--flow-name", "retrain", "--output", "json"]
+            runs = json.loads(_run(ls, cli_env, timeout=60, show=False).stdout or "[]")
+            retrain = next((r for r in runs if r["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED")), None)
+            if retrain:
+                break
+            time.sleep(3)
+        gpu_log = home / "run" / "worker-gpu.log"
+        assert retrain and retrain["state"]["type"] == "COMPLETED", gpu_log.read_text()[-6000:]
+        assert retrain["parameters"]["work"] == str(work.resolve())
+        registry = json.loads((work / "models" / "registry.json").read_text())
+        trained = next(iter(registry["runs"]))  # the pipeline's run, the first champion
+        assert registry["champion"] == trained and len(registry["runs"]) == 1  # it saw version 1: nothing to do
+        assert "Nothing to do" in (work / "reports" / "retrain.md").read_text()
 
         # One stage rerun with a settings override as JSON, validated by the server against the model's schema.
         rerun = ["prefect", "deployment", "run", "shard/shard", "--param", f"work={work}", "--watch"]

@@ -27,38 +27,40 @@ def work(tmp_path: Path, extracted_work: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_retrain_promotes_a_first_champion_then_waits_for_new_data(prefect_api: None, work: Path) -> None:
+def test_retrain_waits_for_new_data_and_promotes_only_a_better_model(prefect_api: None, work: Path) -> None:
     trained = runner.invoke(app, ["train", "--work", str(work), "--resolution", "32", "--run", "base", *TINY])
     assert trained.exit_code == 0, trained.output
     registry = load_registry(work)
-    assert registry.champion is None and registry.runs["base"].dataset_version == 1  # registered, not promoted
+    assert registry.champion == "base" and registry.runs["base"].dataset_version == 1  # the first run: champion
+    assert "no champion yet" in registry.history[-1]["why"]
 
-    first = runner.invoke(app, ["retrain", "--work", str(work)])  # settings: the newest run's (2 tiny steps)
-    assert first.exit_code == 0, first.output
-    assert "promoted" in first.output and "no champion yet" in first.output
-    registry = load_registry(work)
-    champion = registry.champion
-    assert champion.startswith("retrain-v1-") and registry.runs[champion].settings["steps"] == 2
-    assert (work / "reports" / "retrain.md").read_text().count("Promoted") == 1
-
-    again = runner.invoke(app, ["retrain", "--work", str(work)])
-    assert again.exit_code == 0 and "skipped" in again.output and "version 1" in again.output
-    assert load_registry(work).champion == champion and len(load_registry(work).runs) == 2
+    same = runner.invoke(app, ["retrain", "--work", str(work)])
+    assert same.exit_code == 0 and "skipped" in same.output and "version 1" in same.output, same.output
+    assert "Nothing to do" in (work / "reports" / "retrain.md").read_text()
 
     shutil.copytree(work / "extract" / "photos_train", work / "extract" / "more")  # the data grows
     assert runner.invoke(app, ["shard", "--work", str(work), "--maxcount", "25"]).exit_code == 0
-    grown = runner.invoke(app, ["retrain", "--work", str(work), "--margin", "0.99"])  # must be 99% better: kept
-    assert grown.exit_code == 0 and "kept" in grown.output, grown.output
+    kept = runner.invoke(app, ["retrain", "--work", str(work), "--margin", "0.99"])  # must be 99% better: kept
+    assert kept.exit_code == 0 and "kept" in kept.output, kept.output
     registry = load_registry(work)
-    assert registry.champion == champion and len(registry.runs) == 3
+    challenger = next(n for n in registry.runs if n.startswith("retrain-v2-"))
+    assert registry.champion == "base" and registry.runs[challenger].settings["steps"] == 2  # the champion's settings
     assert [h["action"] for h in registry.history][-1] == "keep"
+    assert "Kept the champion" in (work / "reports" / "retrain.md").read_text()
+    tried = runner.invoke(app, ["retrain", "--work", str(work)])  # the same data again: that challenger lost
+    assert tried.exit_code == 0 and "skipped" in tried.output and challenger in tried.output
+
+    forced = runner.invoke(app, ["retrain", "--work", str(work), "--force", "--steps", "3"])
+    assert forced.exit_code == 0 and ("promoted" in forced.output or "kept" in forced.output), forced.output
+    assert len(load_registry(work).runs) == 3
 
     listing = runner.invoke(app, ["models", "--work", str(work)])
-    assert listing.exit_code == 0 and f"* {champion}" in listing.output and "  base" in listing.output
+    champion = load_registry(work).champion
+    assert listing.exit_code == 0 and f"* {champion}" in listing.output and challenger in listing.output
     manual = runner.invoke(
-        app, ["models", "--work", str(work), "--promote", "base", "--who", "ann", "--why", "sharper"]
+        app, ["models", "--work", str(work), "--promote", challenger, "--who", "ann", "--why", "sharper"]
     )
-    assert manual.exit_code == 0 and "* base" in manual.output
+    assert manual.exit_code == 0 and f"* {challenger}" in manual.output
     last = load_registry(work).history[-1]
     assert (last["action"], last["who"], last["why"], last["previous"]) == (
         "manual-promote",
