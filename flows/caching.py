@@ -22,6 +22,8 @@ from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
+from flows.runtime import retry_unless_user_error
+from preprocessing.extraction import part_stem
 from preprocessing.stamps import stamp
 
 
@@ -63,3 +65,21 @@ class FileFingerprint(CachePolicy):
         parts["derived"] = [fingerprint(p) for p in extra]
         parts["outputs"] = [fingerprint(o) for o in outs]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _part_outputs(inputs: dict[str, Any]) -> list[Path]:
+    stem = part_stem(inputs["part"])
+    return [Path(inputs["out_dir"]) / f"{stem}.parquet", Path(inputs["out_dir"]) / f"{stem}.tar"]
+
+
+def _part_inputs(inputs: dict[str, Any]) -> list[Path]:
+    return [Path(inputs["out_dir"]) / "plan.json", Path(inputs["out_dir"]) / "inputs.parquet"]
+
+
+# Task options of one extraction part (any source kind): cached on the plan and the part's own files.
+PART_TASK: dict[str, Any] = {
+    "cache_policy": FileFingerprint(outputs=_part_outputs, derived=_part_inputs),
+    "persist_result": True,
+    "retries": 1,
+    "retry_condition_fn": retry_unless_user_error,
+}

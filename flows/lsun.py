@@ -10,23 +10,14 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.caching import FileFingerprint
+from flows.caching import PART_TASK
 from flows.reports import part_totals, publish, rejects_section
 from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
-from preprocessing.extraction import ExtractionPlan, manifest_counts, merge_manifests, part_stem, summarize_plan
+from preprocessing.extraction import ExtractionPlan, manifest_counts, merge_manifests, summarize_plan
 from preprocessing.lsun import LsunError, LsunKind, extract_partition, prepare_extraction, resolve_db, source_name
 from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
 from preprocessing.settings import LsunSettings
-
-
-def _part_outputs(inputs: dict) -> list[Path]:
-    stem = part_stem(inputs["part"])
-    return [Path(inputs["out_dir"]) / f"{stem}.parquet", Path(inputs["out_dir"]) / f"{stem}.tar"]
-
-
-def _part_inputs(inputs: dict) -> list[Path]:
-    return [Path(inputs["out_dir"]) / "plan.json", Path(inputs["out_dir"]) / "inputs.parquet"]
 
 
 def check_lsun(db: list[str], names: list[str] | None) -> None:
@@ -48,12 +39,7 @@ def plan_lsun(db: str, work: str, settings: LsunSettings, name: str | None, refr
     return str(out_dir), asdict(plan)
 
 
-@task(
-    cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_inputs),
-    persist_result=True,
-    retries=1,
-    retry_condition_fn=retry_unless_user_error,
-)
+@task(**PART_TASK)
 def extract_lsun_part(part: int, out_dir: str, settings: LsunSettings) -> dict:
     return extract_partition(Path(out_dir), part, settings)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import ProcessPoolTaskRunner
 
-from flows.caching import FileFingerprint
+from flows.caching import PART_TASK
 from flows.reports import part_totals, publish, rejects_section
 from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
-from preprocessing.extraction import ExtractionPlan, manifest_counts, part_stem, summarize_plan
+from preprocessing.extraction import ExtractionPlan, manifest_counts, summarize_plan
 from preprocessing.markdown import table
 from preprocessing.photo_stages import merge_photo_manifests, prepare_photo_stage, run_photo_part
 from preprocessing.photos import open_source
@@ -28,15 +28,6 @@ def default_name(photos: str, prefix: str) -> str:
     return f"{prefix}_" + re.sub(r"[^A-Za-z0-9_\-]", "_", stem)
 
 
-def _part_outputs(inputs: dict) -> list[Path]:
-    stem = part_stem(inputs["part"])
-    return [Path(inputs["out_dir"]) / f"{stem}.parquet", Path(inputs["out_dir"]) / f"{stem}.tar"]
-
-
-def _part_inputs(inputs: dict) -> list[Path]:
-    return [Path(inputs["out_dir"]) / "plan.json", Path(inputs["out_dir"]) / "inputs.parquet"]
-
-
 @task(retries=2, retry_delay_seconds=2, retry_condition_fn=retry_unless_user_error)
 def plan_photos(
     photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool
@@ -48,13 +39,8 @@ def plan_photos(
     return str(out_dir), asdict(plan)
 
 
-@task(
-    cache_policy=FileFingerprint(outputs=_part_outputs, derived=_part_inputs),
-    persist_result=True,
-    retries=1,
-    retry_condition_fn=retry_unless_user_error,
-)
-def photo_part(out_dir: str, part: int, stage: str) -> dict:
+@task(**PART_TASK)
+def photo_part(out_dir: str, part: int) -> dict:
     return run_photo_part(Path(out_dir), part)
 
 
@@ -107,14 +93,14 @@ def merge_photos(out_dir: str, plan: dict, summaries: list[dict], wall: float, t
 
 
 def _run_stage(
-    photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool, stage: str, title: str
+    photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool, title: str
 ) -> dict:
     open_source(photos)  # a clear error for a missing or unreadable collection, before any work
     out_dir, plan = plan_photos(photos, work, name, settings, refresh)
     t0 = time.perf_counter()
     task_ = photo_part.with_options(refresh_cache=True) if refresh else photo_part
     with api_shared_with_subprocesses():
-        summaries = task_.map(unmapped(out_dir), plan["todo"], unmapped(stage)).result()
+        summaries = task_.map(unmapped(out_dir), plan["todo"]).result()
     return merge_photos(out_dir, plan, summaries, time.perf_counter() - t0, title)
 
 
@@ -123,7 +109,7 @@ def faces_flow(
     photos: str, work: str, settings: FacesSettings = FacesSettings(), name: str | None = None, refresh: bool = False
 ) -> dict:
     """Detect faces in a folder, tar or Parquet table of photos; keep square crops of faces >= min_face px."""
-    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, refresh, "faces", "Faces")
+    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, refresh, "Faces")
 
 
 @flow(name="ingest", task_runner=ProcessPoolTaskRunner())
@@ -131,4 +117,4 @@ def ingest_flow(
     images: str, work: str, settings: IngestSettings = IngestSettings(), name: str | None = None, refresh: bool = False
 ) -> dict:
     """Min-resize + center-crop a folder tree (class subfolders = labels) or image table."""
-    return _run_stage(images, work, name or default_name(images, "images"), settings, refresh, "ingest", "Ingestion")
+    return _run_stage(images, work, name or default_name(images, "images"), settings, refresh, "Ingestion")
