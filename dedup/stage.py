@@ -37,6 +37,7 @@ from dedup.grouping import choose_keepers, group_codes
 from dedup.settings import DedupSettings
 from preprocessing.atomic import atomic_write_with
 from preprocessing.errors import UserError
+from preprocessing.extraction import part_stem
 from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.manifest import write_table
 from preprocessing.markdown import table
@@ -94,16 +95,18 @@ def collect_crops(work: Path, *, full: bool = False) -> int:
         return pq.read_metadata(out / "items.parquet").num_rows
     wanted: dict[tuple[str, str], dict] = {}
     for src in sources:
-        manifest = pq.read_table(src / "manifest.parquet", columns=["key", "status", "width", "height"])
+        manifest = pq.read_table(src / "manifest.parquet", columns=["key", "status", "width", "height", "part"])
         for r in manifest.filter(pc.equal(manifest["status"], "ok")).to_pylist():
             wanted[(src.name, r["key"])] = r
     old = None if full else _reusable_items(work, wanted)
     done = set(zip(old["source"].to_pylist(), old["key"].to_pylist(), strict=True)) if old is not None else set()
+    todo_parts = {(s, r["part"]) for (s, k), r in wanted.items() if (s, k) not in done}
     rows: list[dict] = []
     crops = []
     for src in sources:
         found = 0
-        for tar in sorted(src.glob("part-*.tar")):
+        parts = sorted(p for s, p in todo_parts if s == src.name)
+        for tar in [src / f"{part_stem(p)}.tar" for p in parts]:  # only the parts that hold new items
             with open(tar, "rb") as fh:
                 for m in index_tar(tar):
                     ident = (src.name, m.key)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from skimage import data as skdata
 
-from preprocessing.lsun import write_lsun_lmdb
+from preprocessing.lsun import close_env, write_lsun_lmdb
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "retina", "immunohistochemistry", "hubble_deep_field")
 BROKEN = (b"", b"this is not an image", None)  # None: a truncated JPEG, made below
@@ -73,6 +73,7 @@ def build_demo_lmdb(db_dir: Path, records: int = 3000, seed: int = 0) -> Path:
 
 
 def _grow(db_dir: Path, records: int, seed: int) -> None:
+    close_env(db_dir)  # a read-only handle of an earlier extraction in this process
     env = lmdb.open(str(db_dir), subdir=True)
     try:
         held = env.stat()["entries"] - len(BROKEN)

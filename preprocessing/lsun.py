@@ -85,6 +85,14 @@ def open_env(db: Path) -> lmdb.Environment:
     return env
 
 
+def close_env(db: Path) -> None:
+    """Close this process's cached handle of `db`, before writing to it (LMDB allows one open per process)."""
+    for key in (str(db), str(Path(db).resolve())):
+        env = _ENVS.pop(key, None)
+        if env is not None:
+            env.close()
+
+
 def forget_envs() -> None:
     """Drop cached handles: a forked worker must open its own LMDB environments."""
     _ENVS.clear()

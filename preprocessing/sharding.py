@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from preprocessing.atomic import atomic_write_json, atomic_write_with
 from preprocessing.errors import UserError
+from preprocessing.extraction import part_stem
 from preprocessing.images import SAMPLE_EXT
 from preprocessing.settings import ShardSettings
 from preprocessing.tar_shards import Member, TarShardWriter, index_tar, read_member
@@ -60,26 +61,34 @@ def _kept_keys(codes: Path | None, source: str, ok_keys: list[str]) -> list[str]
     return [k for k in ok_keys if k in keep]
 
 
-Item = tuple[str, str, Member, Member]  # (key, staging tar path, image member, json member)
+Item = tuple[str, str, Member, Member]  # (sample key, staging tar path, image member, json member)
+Wanted = tuple[str, Path, str, int]  # (sample key, source dir, item key, part)
 
 
-def _source_items(src_dir: Path, codes: Path | None) -> tuple[int, list[Item]]:
-    """(resolution, items) for the kept items of one source."""
+def _source_keys(src_dir: Path, codes: Path | None) -> tuple[int, list[Wanted]]:
+    """(crop size, kept items) of one source, from its manifest and the dedup flags: no tar is read."""
     plan = json.loads((src_dir / "plan.json").read_text())
     table = pq.read_table(src_dir / "manifest.parquet", columns=["key", "status", "part"])
     ok = table.filter(pc.equal(table["status"], "ok"))
+    part = dict(zip(ok["key"].to_pylist(), ok["part"].to_pylist(), strict=True))
     keys = _kept_keys(codes, src_dir.name, ok["key"].to_pylist())
-    members: dict[str, tuple[str, dict[str, Member]]] = {}
-    for tar in sorted(src_dir.glob("part-*.tar")):
+    return int(plan["settings"]["size"]), [(f"{src_dir.name}/{k}", src_dir, k, part[k]) for k in keys]
+
+
+def _locate(wanted: list[Wanted]) -> list[Item]:
+    """The tar members of `wanted`, reading only the staging parts that hold them."""
+    members: dict[tuple[Path, str], tuple[str, dict[str, Member]]] = {}
+    for src_dir, p in sorted({(w[1], w[3]) for w in wanted}):
+        tar = src_dir / f"{part_stem(p)}.tar"
         for m in index_tar(tar):
-            members.setdefault(m.key, (str(tar), {}))[1][m.ext] = m
+            members.setdefault((src_dir, m.key), (str(tar), {}))[1][m.ext] = m
     items = []
-    for key in keys:
-        tar, files = members.get(key, ("", {}))
+    for sample, src_dir, key, _ in wanted:
+        tar, files = members.get((src_dir, key), ("", {}))
         if SAMPLE_EXT not in files or "json" not in files:
             raise ShardError(f"{src_dir}: kept item {key} is missing from the staging shards; re-extract")
-        items.append((key, tar, files[SAMPLE_EXT], files["json"]))
-    return int(plan["settings"]["size"]), items
+        items.append((sample, tar, files[SAMPLE_EXT], files["json"]))
+    return items
 
 
 def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: bool = False) -> dict:
@@ -103,18 +112,17 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
         raise ShardError(f"no extracted data under {work / 'extract'}: run an extraction stage first")
     t0 = time.perf_counter()
     digest = hashlib.sha256(f"{maxcount}:{maxsize}:{seed}".encode())
-    items: list[Item] = []
+    wanted: list[Wanted] = []
     sizes: dict[str, int] = {}
     for src in sources:
-        size, src_items = _source_items(src, codes)
-        sizes[src.name] = size
-        items += [(f"{src.name}/{key}", tar, image, meta) for key, tar, image, meta in src_items]
+        sizes[src.name], src_wanted = _source_keys(src, codes)
+        wanted += src_wanted
         digest.update((src / "manifest.parquet").read_bytes())
     if codes is not None:
         digest.update(codes.read_bytes())
     if len(set(sizes.values())) != 1:
         raise ShardError(f"sources were extracted at different sizes {sizes}; re-extract them at one size")
-    if not items:
+    if not wanted:
         raise ShardError(f"no usable images in {', '.join(sizes)}: every item was rejected or removed")
     resolution = sizes[sources[0].name]
     final = work / "shards"
@@ -123,12 +131,12 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
         log.info("shards in %s are up to date (version %d)", final, current["version"])
         return {**current, "added": 0}
     previous = None if rebuild else _previous_samples(final, current, settings, resolution)
-    if previous is not None and previous.keys() <= {i[0] for i in items}:
-        new = [i for i in items if i[0] not in previous]
+    if previous is not None and previous.keys() <= {w[0] for w in wanted}:
+        new = [w for w in wanted if w[0] not in previous]
         if not new:
             log.info("shards in %s: no new samples, version %d stays", final, current["version"])
             return {**current, "added": 0}
-        index = _append_version(final, current, new, settings, digest.hexdigest())
+        index = _append_version(final, current, _locate(new), settings, digest.hexdigest())
     else:
         if current is None:
             reason = "first version"
@@ -136,6 +144,7 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
             reason = "rebuild asked for"
         else:
             reason = "rebuild: the kept set lost samples or the settings changed"
+        items = _locate(wanted)
         index = _write_version(work, final, current, items, settings, resolution, digest.hexdigest(), reason)
     log.info(
         "shards version %d: %d samples (%d new) in %d shards at %s (%.1f s)",

@@ -137,3 +137,12 @@ def test_killed_extraction_resumes_to_identical_shards(lsun_db: Path, tmp_path: 
     assert pq.read_table(out / "manifest.parquet").equals(
         pq.read_table(clean / "extract/bedroom_train/manifest.parquet")
     )
+
+
+def test_the_demo_database_grows_in_a_process_that_read_it(tmp_path: Path) -> None:
+    from preprocessing.demo_data import build_demo_lmdb
+
+    db = build_demo_lmdb(tmp_path / "demo_train_lmdb", 12)
+    assert open_env(resolve_db(db)).stat()["entries"] == 15  # 12 records + 3 broken, now open read-only here
+    build_demo_lmdb(db, 20)  # the second batch
+    assert open_env(resolve_db(db)).stat()["entries"] == 23
