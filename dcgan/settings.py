@@ -6,6 +6,7 @@ dimensions uniform in [-1, 1]. The fast-path switches apply on CUDA only.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -121,3 +122,25 @@ class EvaluateSettings(Settings):
         "pt_inception-2015-12-05-*.pth (the FID network) or torchvision's inception_v3_google-*.pth",
     )
     device: Device = Field("auto", description="auto, cpu, cuda or cuda:N, for features and generation")
+    svm_c_grid: str = Field(
+        "1e-6,1e-5,1e-4,1e-3",
+        description="starting C values of the L2-SVM, comma-separated, tried from small to large",
+        examples=["1e-5,1e-4"],
+    )
+    svm_grid_extensions: int = Field(
+        3, ge=0, le=10, description="extra C values per end of the grid while the best C sits at that end"
+    )
+
+    @field_validator("svm_c_grid")
+    @classmethod
+    def _positive_c_values(cls, value: str) -> str:
+        try:
+            grid = [float(v) for v in value.split(",")]
+        except ValueError:
+            raise ValueError(f"svm_c_grid must be comma-separated numbers, got {value!r}") from None
+        if not grid or not all(math.isfinite(c) and c > 0 for c in grid):
+            raise ValueError(f"svm_c_grid values must be positive and finite, got {value!r}")
+        return value
+
+    def c_grid(self) -> tuple[float, ...]:
+        return tuple(float(v) for v in self.svm_c_grid.split(","))

@@ -58,13 +58,19 @@ def _save_figure(run: str, name: str, rgb: np.ndarray) -> None:
 
 
 @task
-def cifar10_task(
-    run: str, checkpoint: str | None, cifar10: str, limit_train: int | None, limit_test: int | None, device: str
-) -> dict:
+def cifar10_task(run: str, checkpoint: str | None, settings: EvaluateSettings, device: str) -> dict:
     cfg, _, D, step = load_run(Path(run), _checkpoint(checkpoint))
     random_d = seeded(copy.deepcopy(D), seed=RANDOM_D_SEED)
     results = cifar10_protocol(
-        D, random_d, Path(cifar10), cfg["resolution"], limit_train=limit_train, limit_test=limit_test, device=device
+        D,
+        random_d,
+        Path(settings.cifar10),
+        cfg["resolution"],
+        limit_train=settings.limit_train,
+        limit_test=settings.limit_test,
+        device=device,
+        c_grid=settings.c_grid(),
+        grid_extensions=settings.svm_grid_extensions,
     )
     return {
         "step": step,
@@ -153,11 +159,19 @@ def removal_task(run: str, checkpoint: str | None, boxes: str) -> dict:
 
 
 @task
-def svhn_task(run: str, checkpoint: str | None, svhn: str, draws: int, device: str) -> dict:
+def svhn_task(run: str, checkpoint: str | None, settings: EvaluateSettings, device: str) -> dict:
     _, _, D, _ = load_run(Path(run), _checkpoint(checkpoint))
-    train = load_svhn_mat(Path(svhn) / "train_32x32.mat")
-    test = load_svhn_mat(Path(svhn) / "test_32x32.mat")
-    return svhn_protocol(lambda x: extract_features(D, x, device=device), train, test, draws=draws)
+    train = load_svhn_mat(Path(settings.svhn) / "train_32x32.mat")
+    test = load_svhn_mat(Path(settings.svhn) / "test_32x32.mat")
+    return svhn_protocol(
+        lambda x: extract_features(D, x, device=device),
+        train,
+        test,
+        draws=settings.svhn_draws,
+        c_grid=settings.c_grid(),
+        grid_extensions=settings.svm_grid_extensions,
+        device=device,
+    )
 
 
 @task
@@ -217,7 +231,7 @@ def evaluate_flow(
     if boxes is not None:
         metrics["feature_removal"] = removal_task(run, checkpoint, boxes)
     if s.cifar10 is not None:
-        metrics.update(cifar10_task(run, checkpoint, s.cifar10, s.limit_train, s.limit_test, device))
+        metrics.update(cifar10_task(run, checkpoint, s, device))
     if s.svhn is not None:
-        metrics["svhn"] = svhn_task(run, checkpoint, s.svhn, s.svhn_draws, device)
+        metrics["svhn"] = svhn_task(run, checkpoint, s, device)
     return {**metrics, "eval_dir": write_report(run, metrics)}

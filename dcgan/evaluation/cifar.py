@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -22,13 +24,42 @@ from PIL import Image
 from torch import nn
 
 from dcgan.evaluation.features import extract_features
-from dcgan.evaluation.svm import select_and_fit
+from dcgan.evaluation.svm import C_GRID, GRID_EXTENSIONS, select_and_fit
+from preprocessing.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError):
     """A user-facing problem with evaluation inputs."""
+
+
+def check_c_grid(grid: Sequence[float]) -> tuple[float, ...]:
+    """The C grid, sorted, once every value is a positive finite number (checked before any work)."""
+    try:
+        values = tuple(sorted(float(c) for c in grid))
+    except (TypeError, ValueError) as exc:
+        raise EvaluationError(f"the SVM's C grid must be numbers, got {grid!r}") from exc
+    bad = [c for c in values if not (math.isfinite(c) and c > 0)]
+    if not values or bad:
+        raise EvaluationError(f"the SVM's C grid needs positive, finite values, got {list(grid)!r}")
+    return values
+
+
+def check_limit(path: Path, limit: int | None, what: str) -> None:
+    """A subset size must be positive and at most the table's row count (reads the footer only)."""
+    if limit is None:
+        return
+    rows = pq.read_metadata(check_image_table(path)).num_rows
+    if limit < 1 or limit > rows:
+        raise EvaluationError(f"{what} {limit} is outside 1..{rows}, the images in {path}")
+
+
+def check_finite(x: np.ndarray, what: str, batch: int = 4096) -> None:
+    """NaN or inf features (a diverged checkpoint) would silently poison the SVM: refuse them."""
+    for i in range(0, len(x), batch):
+        if not np.isfinite(x[i : i + batch]).all():
+            raise EvaluationError(f"the features of {what} contain NaN or inf (rows from {i}): a diverged checkpoint?")
 
 
 def check_image_table(path: Path) -> Path:
@@ -68,26 +99,48 @@ def load_labelled_images(
     return images, np.asarray(table.column("label").to_pylist())
 
 
-def svm_protocol(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], features) -> dict:  # noqa: ANN001
-    """Fit the L2-SVM on features(train) with C chosen on a held-out split; report test accuracy."""
+def svm_protocol(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    features: Callable[[np.ndarray, str], np.ndarray],
+    *,
+    name: str = "features",
+    c_grid: Sequence[float] = C_GRID,
+    grid_extensions: int = GRID_EXTENSIONS,
+    device: str = "cpu",
+) -> dict:
+    """Fit the L2-SVM on features(train) with C chosen on a held-out split; report test accuracy.
+
+    features(images, label) returns one row per image; the label names the step in progress logs.
+    """
+    c_grid = check_c_grid(c_grid)
     t0 = time.perf_counter()
-    x_train, x_test = features(train[0]), features(test[0])
+    x_train = features(train[0], f"{name} of {len(train[0])} training images")
+    x_test = features(test[0], f"{name} of {len(test[0])} test images")
+    check_finite(x_train, name)
+    check_finite(x_test, name)
     t_feat = time.perf_counter() - t0
-    model, scores = select_and_fit(x_train, train[1])
+    model, scores = select_and_fit(
+        x_train, train[1], grid=c_grid, extensions=grid_extensions, device=device, desc=f"L2-SVM on {name}"
+    )
     accuracy = model.accuracy(x_test, test[1])
     return {
         "test_accuracy": accuracy,
         "C": model.C,
-        "validation_accuracy": {str(k): v for k, v in scores.items()},
+        "validation_accuracy": {str(k): v for k, v in sorted(scores.items())},
+        "c_grid_end": model.grid_end,
         "feature_dim": int(x_train.shape[1]),
         "n_train": len(train[1]),
         "n_test": len(test[1]),
         "feature_seconds": t_feat,
+        "svm_seconds": time.perf_counter() - t0 - t_feat,
         "total_seconds": time.perf_counter() - t0,
     }
 
 
-def pixel_features(images: np.ndarray) -> np.ndarray:
+def pixel_features(images: np.ndarray, label: str | None = None) -> np.ndarray:
+    """Raw pixels as the baseline's features (the label is for the common features signature)."""
+    del label
     return images.reshape(len(images), -1).astype(np.float16)
 
 
@@ -100,9 +153,19 @@ def cifar10_protocol(
     limit_train: int | None = None,
     limit_test: int | None = None,
     device: str = "cpu",
+    c_grid: Sequence[float] = C_GRID,
+    grid_extensions: int = GRID_EXTENSIONS,
 ) -> dict:
-    """Test accuracy of the trained D's features, a random D's, and raw pixels (32x32)."""
+    """Test accuracy of the trained D's features, a random D's, and raw pixels (32x32).
+
+    Every input (C grid, subset sizes, tables) is checked before any image is decoded.
+    """
     cifar = Path(cifar)
+    c_grid = check_c_grid(c_grid)
+    if grid_extensions < 0:
+        raise EvaluationError(f"grid extensions must be >= 0, got {grid_extensions}")
+    check_limit(cifar / "train.parquet", limit_train, "--limit-train")
+    check_limit(cifar / "test.parquet", limit_test, "--limit-test")
     train32 = load_labelled_images(cifar / "train.parquet", limit_train)
     test32 = load_labelled_images(cifar / "test.parquet", limit_test)
 
@@ -112,13 +175,23 @@ def cifar10_protocol(
         return np.stack([cv2.resize(im, (resolution, resolution), interpolation=cv2.INTER_CUBIC) for im in images])
 
     train, test = (at_resolution(train32[0]), train32[1]), (at_resolution(test32[0]), test32[1])
+    settings = {"c_grid": c_grid, "grid_extensions": grid_extensions, "device": device}
     results = {}
     for name, model in (("trained_D", discriminator), ("random_D", random_discriminator)):
         log.info("CIFAR-10: features of %s", name)
-        results[name] = svm_protocol(train, test, lambda x, m=model: extract_features(m, x, device=device))
-    results["raw_pixels"] = svm_protocol(train32, test32, pixel_features)
+        results[name] = svm_protocol(
+            train,
+            test,
+            lambda x, label, m=model: extract_features(m, x, device=device, progress=label),
+            name=name,
+            **settings,
+        )
+    results["raw_pixels"] = svm_protocol(train32, test32, pixel_features, name="raw_pixels", **settings)
     for name, r in results.items():
-        log.info("CIFAR-10 %s: test accuracy %.4f (C=%g, %d-d)", name, r["test_accuracy"], r["C"], r["feature_dim"])
+        end = f", C at the {r['c_grid_end']} end of the grid" if r["c_grid_end"] else ""
+        log.info(
+            "CIFAR-10 %s: test accuracy %.4f (C=%g, %d-d%s)", name, r["test_accuracy"], r["C"], r["feature_dim"], end
+        )
     return results
 
 

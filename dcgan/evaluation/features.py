@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan.evaluation.progress import Progress
+
 
 def conv_outputs(model: nn.Module) -> list[nn.Module]:
     """The module after each hidden convolution whose output is that layer's representation.
@@ -42,12 +44,17 @@ def extract_features(
     batch: int = 256,
     device: str = "cpu",
     to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress: str | None = None,
 ) -> np.ndarray:
-    """(N, H, W, 3) uint8 images -> (N, F) float16 features of every conv layer, max-pooled to 4x4."""
+    """(N, H, W, 3) uint8 images -> (N, F) float16 features of every conv layer, max-pooled to 4x4.
+
+    With `progress` (a label), a bar on a terminal and log lines report images done and the ETA.
+    """
     model = model.eval().to(device)
     taps = conv_outputs(model)
     captured: list[torch.Tensor] = []
     hooks = [t.register_forward_hook(lambda _m, _i, out: captured.append(out)) for t in taps]
+    bar = Progress(progress, len(images), unit="images") if progress else None
     try:
         chunks = []
         for i in range(0, len(images), batch):
@@ -59,9 +66,13 @@ def extract_features(
             model(x)
             pooled = [F.adaptive_max_pool2d(a, 4).flatten(1) for a in captured]
             chunks.append(torch.cat(pooled, 1).to(torch.float16).cpu().numpy())
+            if bar is not None:
+                bar.update(len(x))
     finally:
         for h in hooks:
             h.remove()
+    if bar is not None:
+        bar.close()
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float16)
 
 

@@ -126,7 +126,14 @@ def _protocols_section(metrics: dict) -> str:
     md = ""
     if "cifar10" in metrics:
         rows = [
-            (name, f"{r['test_accuracy'] * 100:.2f}%", r["feature_dim"], f"{r['C']:g}", r["n_train"], r["n_test"])
+            (
+                name,
+                f"{r['test_accuracy'] * 100:.2f}%",
+                r["feature_dim"],
+                f"{r['C']:g}" + (f" (at the {r['c_grid_end']} end of the values tried)" if r.get("c_grid_end") else ""),
+                r["n_train"],
+                r["n_test"],
+            )
             for name, r in metrics["cifar10"].items()
         ]
         md += (

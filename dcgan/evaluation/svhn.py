@@ -9,14 +9,15 @@ drawn from the rest; the test error is reported as mean and spread over several 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 
-from dcgan.evaluation.cifar import EvaluationError
-from dcgan.evaluation.svm import C_GRID, fit_svm
+from dcgan.evaluation.cifar import EvaluationError, check_c_grid, check_finite
+from dcgan.evaluation.progress import Progress
+from dcgan.evaluation.svm import C_GRID, GRID_EXTENSIONS, fit_svm, select_and_fit
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,17 @@ def svhn_protocol(
     per_class: int = 100,
     draws: int = 10,
     seed: int = 0,
+    c_grid: Sequence[float] = C_GRID,
+    grid_extensions: int = GRID_EXTENSIONS,
+    device: str = "cpu",
 ) -> dict:
-    """Test error (mean, std over `draws`) of an L2-SVM on `per_class` labels per class."""
+    """Test error (mean, std over `draws`) of an L2-SVM on `per_class` labels per class.
+
+    C is chosen once, on the first draw against the validation split, then kept for every draw.
+    """
+    c_grid = check_c_grid(c_grid)
+    if draws < 1:
+        raise EvaluationError(f"SVHN needs at least one draw, got {draws}")
     images, labels = train
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -71,25 +81,40 @@ def svhn_protocol(
     if short or len(val) == 0:
         raise EvaluationError(f"too few training images for {per_class} per class plus a validation split")
     x_val, x_test = features(images[val]), features(test[0])
+    check_finite(x_val, "the SVHN validation images")
+    check_finite(x_test, "the SVHN test images")
 
     def draw() -> np.ndarray:
         return np.sort(np.concatenate([rng.choice(pool[labels[pool] == c], per_class, replace=False) for c in classes]))
 
     first = draw()
     x_first = features(images[first])
-    scores = {C: fit_svm(x_first, labels[first], C).accuracy(x_val, labels[val]) for C in C_GRID}
-    best = max(C_GRID, key=lambda c: (scores[c], -c))
-    errors = [1 - fit_svm(x_first, labels[first], best).accuracy(x_test, test[1])]
-    for _ in range(draws - 1):
-        idx = draw()
-        errors.append(1 - fit_svm(features(images[idx]), labels[idx], best).accuracy(x_test, test[1]))
+    model, scores = select_and_fit(
+        x_first,
+        labels[first],
+        grid=c_grid,
+        extensions=grid_extensions,
+        device=device,
+        desc="SVHN L2-SVM",
+        validation=(x_val, labels[val]),
+    )
+    best, grid_end = model.C, model.grid_end
+    errors = []
+    with Progress("SVHN draws", draws, unit="draws") as progress:
+        for i in range(draws):
+            if i:
+                idx = draw()
+                model = fit_svm(features(images[idx]), labels[idx], best, device=device)
+            errors.append(1 - model.accuracy(x_test, test[1]))
+            progress.update(1, f"test error {errors[-1]:.4f}")
     log.info("SVHN: test error %.4f +- %.4f over %d draws (C=%g)", np.mean(errors), np.std(errors), draws, best)
     return {
         "test_error_mean": float(np.mean(errors)),
         "test_error_std": float(np.std(errors)),
         "errors": [float(e) for e in errors],
         "C": best,
-        "validation_accuracy": {str(k): v for k, v in scores.items()},
+        "validation_accuracy": {str(k): v for k, v in sorted(scores.items())},
+        "c_grid_end": grid_end,
         "labelled": per_class * len(classes),
         "draws": draws,
         "n_val": int(len(val)),
