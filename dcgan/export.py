@@ -30,7 +30,7 @@ from preprocessing.tar_shards import TarShardWriter
 
 FORMATS = ("torchscript", "onnx")
 TOLERANCE = 1e-4
-BATCH = 256  # rows of z per batch: a multiple of 16, so batched draws equal one draw of all N (see _noise_batches)
+BATCH = 256  # rows of z per batch: a multiple of 16, so batched draws equal one draw of all N (see noise_batches)
 META_KEY = "dcgan"  # TorchScript extra file / ONNX metadata entry with nz, prior, resolution, step
 
 
@@ -38,7 +38,7 @@ class ExportError(UserError):
     """Bad export arguments, or an exported model that does not reproduce PyTorch's output."""
 
 
-def _noise_batches(nz: int, noise: str, n: int, seed: int) -> Iterator[torch.Tensor]:
+def noise_batches(nz: int, noise: str, n: int, seed: int) -> Iterator[torch.Tensor]:
     """prior_noise(nz, noise, n, seed) in batches of BATCH rows, from one generator.
 
     CPU draws of multiples of 16 values continue the same stream as one large draw (torch's
@@ -77,7 +77,7 @@ def generate_samples(
         raise ExportError(f"{out} exists and is not an empty directory; choose a new output directory")
     cfg, G, _, step = load_run(Path(run_dir), checkpoint)
     G.to(device)
-    batches = _noise_batches(cfg["nz"], cfg.get("noise", "uniform"), n, seed)
+    batches = noise_batches(cfg["nz"], cfg.get("noise", "uniform"), n, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     if as_tar:
         with TarShardWriter(out) as writer:

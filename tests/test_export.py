@@ -12,7 +12,7 @@ import torch
 
 from dcgan.evaluation.quality import generate, prior_noise
 from dcgan.evaluation.runs import load_run
-from dcgan.export import BATCH, ExportError, _noise_batches, export_generator, generate_samples
+from dcgan.export import BATCH, ExportError, export_generator, generate_samples, noise_batches
 from dcgan.train import TrainConfig, train
 from preprocessing.errors import UserError
 from preprocessing.tar_shards import iter_samples
@@ -34,7 +34,7 @@ def decode_png(data: bytes) -> np.ndarray:
 @pytest.mark.parametrize(("noise", "nz"), [("uniform", 100), ("normal", 100), ("normal", 7)])
 def test_batched_noise_is_the_evaluation_prior(noise: str, nz: int) -> None:
     n = 2 * BATCH + 37
-    assert torch.equal(torch.cat(list(_noise_batches(nz, noise, n, 5))), prior_noise(nz, noise, n, 5))
+    assert torch.equal(torch.cat(list(noise_batches(nz, noise, n, 5))), prior_noise(nz, noise, n, 5))
 
 
 def test_png_samples_are_the_generator_on_the_seeded_prior(tiny_run: Path, tmp_path: Path) -> None:

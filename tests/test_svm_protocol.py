@@ -13,7 +13,7 @@ from dcgan.evaluation import cifar
 from dcgan.evaluation.cifar import EvaluationError, check_c_grid, cifar10_protocol, load_labelled_images, svm_protocol
 from dcgan.evaluation.features import extract_features
 from dcgan.evaluation.svhn import svhn_protocol
-from dcgan.evaluation.svm import _Problem, choose_c, fit_svm, select_and_fit, standardise_, to_device_float32
+from dcgan.evaluation.svm import SvmProblem, choose_c, fit_svm, select_and_fit, standardise_, to_device_float32
 from dcgan.models import Discriminator
 from preprocessing.errors import UserError
 
@@ -46,7 +46,7 @@ def test_every_c_of_one_batched_solve_reaches_liblinears_optimum() -> None:
     xs = to_device_float32(x, np.arange(len(x)), "cpu")
     standardise_(xs, len(xs))
     Cs = [1e-4, 1e-3, 1e-2]
-    w, b = _Problem(xs, torch.from_numpy(y), 10, rank=64).solve(Cs)  # 30 columns in one Newton-CG
+    w, b = SvmProblem(xs, torch.from_numpy(y), 10, rank=64).solve(Cs)  # 30 columns in one Newton-CG
     xn = xs.numpy().astype(np.float64)
     for i, C in enumerate(Cs):
         ours = _primal(xn, y, C, w[:, i * 10 : (i + 1) * 10].numpy(), b[i * 10 : (i + 1) * 10].numpy())

@@ -269,7 +269,7 @@ def _gradient_at_zero(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> 
     return ((g * g).sum(1) + y.sum(0) ** 2).sqrt()
 
 
-class _Problem:
+class SvmProblem:
     """Standardised features and labels on the device, with what every solve over them shares."""
 
     def __init__(self, x: torch.Tensor, labels: torch.Tensor, n_classes: int, rank: int) -> None:
@@ -322,7 +322,7 @@ def fit_svm(
     classes, yi = _check_inputs(x, y)
     xs = to_device_float32(x, np.arange(len(x)), device)
     mean, scale = standardise_(xs, len(xs))
-    problem = _Problem(xs, torch.from_numpy(yi).to(device), len(classes), rank)
+    problem = SvmProblem(xs, torch.from_numpy(yi).to(device), len(classes), rank)
     w, b = problem.solve([C], tol=tol)
     return LinearSVM(w, b, mean, scale, classes, C)
 
@@ -385,7 +385,7 @@ def select_and_fit(
         y_val = torch.from_numpy(np.searchsorted(classes, np.asarray(validation[1]))).to(device)
         known = torch.from_numpy(np.isin(np.asarray(validation[1]), classes)).to(device)
         y_val = torch.where(known, y_val.clamp_max(k - 1), -1)  # a class the training set lacks is never right
-    problem = _Problem(x_fit, y_fit, k, rank)
+    problem = SvmProblem(x_fit, y_fit, k, rank)
     ratio = _grid_ratio(grid)
     scores: dict[float, float] = {}
     solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -426,7 +426,7 @@ def select_and_fit(
         # Refit on every training row, standardised with all rows' statistics; the fit-split
         # solution, rewritten for the new scaling, is the starting point.
         shift, stretch = standardise_(xs, len(xs))
-        w, b = _Problem(xs, labels, k, rank).solve([best], (w * stretch[:, None], b + shift @ w), tol=tol)
+        w, b = SvmProblem(xs, labels, k, rank).solve([best], (w * stretch[:, None], b + shift @ w), tol=tol)
         mean, scale = mean + scale * shift, scale * stretch
         progress.update(1, f"refit on {n} images at C={best:g}")
     progress.close()
