@@ -160,9 +160,7 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any], source: str) -> None:
         saved = state.get("config", {})
-        defaults = {k: TrainSettings.model_fields[k].default for k in ARCH_FIELDS}  # older files lack new fields
-        arch = {k: saved.get(k, defaults[k]) for k in ARCH_FIELDS}
-        clash = {k: (arch[k], getattr(self.cfg, k)) for k in ARCH_FIELDS if arch[k] != getattr(self.cfg, k)}
+        clash = self._arch_clash(saved)
         if clash:
             detail = ", ".join(f"{k}: checkpoint {a} vs requested {b}" for k, (a, b) in clash.items())
             raise CheckpointError(f"{source} belongs to an incompatible model ({detail})")
@@ -183,11 +181,15 @@ class Trainer:
         self.step = int(state["step"])
         self.runner = self.new_runner()
 
+    def _arch_clash(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """{field: (checkpoint's, ours)} of the model-defining settings that differ (older files: defaults)."""
+        arch = {k: saved.get(k, TrainSettings.model_fields[k].default) for k in ARCH_FIELDS}
+        return {k: (arch[k], getattr(self.cfg, k)) for k in ARCH_FIELDS if arch[k] != getattr(self.cfg, k)}
+
     def warm_start(self, path: Path) -> None:
         """Take G's and D's weights from another run's checkpoint; optimizers, step and noise start fresh."""
         state = load_checkpoint(path)
-        saved = state.get("config", {})
-        clash = [k for k in ARCH_FIELDS if saved.get(k, TrainSettings.model_fields[k].default) != getattr(self.cfg, k)]
+        clash = self._arch_clash(state.get("config", {}))
         if clash:
             raise CheckpointError(f"init_from {path} is another model ({', '.join(clash)} differ): cannot warm-start")
         try:

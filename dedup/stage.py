@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def collect_crops(work: Path, *, full: bool = False) -> int:
             wanted[(src.name, r["key"])] = r
     old = None if full else _reusable_items(work, wanted)
     done = set(zip(old["source"].to_pylist(), old["key"].to_pylist(), strict=True)) if old is not None else set()
-    todo_parts = {(s, r["part"]) for (s, k), r in wanted.items() if (s, k) not in done}
+    todo = [(s, r["part"]) for (s, k), r in wanted.items() if (s, k) not in done]
+    todo_parts, todo_per_source = set(todo), Counter(s for s, _ in todo)
     rows: list[dict] = []
     crops = []
     for src in sources:
@@ -123,7 +125,7 @@ def collect_crops(work: Path, *, full: bool = False) -> int:
                             }
                         )
                         found += 1
-        missing = sum(1 for s, _ in wanted if s == src.name) - found - sum(1 for s, _ in done if s == src.name)
+        missing = todo_per_source[src.name] - found
         if missing:
             raise DedupError(f"{src}: {missing} kept items are missing from the staging shards")
         log.info("dedup: collected %d new items of %s", found, src.name)
@@ -235,29 +237,32 @@ def encode_items(work: Path, checkpoint: Path | None = None) -> float:
     crops = load_crops(work)
     items = pq.read_table(dedup_dir(work) / "items.parquet")
     content = [hashlib.sha1(np.asarray(c).tobytes()).digest() for c in crops]
-    keep = _reusable_prefix(out, stamp([checkpoint]), items, content)
+    model_stamp = stamp([checkpoint])
+    old = _reusable_prefix(out, model_stamp, items, content)
+    keep = len(old)
     t0 = time.perf_counter()
     fresh = encode_bits(model, np.asarray(crops[keep:]))
     rate = (len(crops) - keep) / max(time.perf_counter() - t0, 1e-9)
-    old = pq.read_table(out, columns=["code"])["code"].to_pylist()[:keep] if keep else []
-    table = items.append_column("code", pa.array(old + [c.tobytes() for c in fresh], pa.binary(16)))
+    codes = old + [c.tobytes() for c in fresh]
+    table = items.append_column("code", pa.array(codes, pa.binary(16)))
     table = table.append_column("content", pa.array(content, pa.binary(20)))
-    write_table(_record(table, inputs, items_per_s=str(rate), model=stamp([checkpoint])), out)
+    write_table(_record(table, inputs, items_per_s=str(rate), model=model_stamp), out)
     log.info("dedup: %d codes reused, %d encoded", keep, len(crops) - keep)
     return rate
 
 
-def _reusable_prefix(hashes: Path, model: str, items: pa.Table, content: list[bytes]) -> int:
-    """How many leading rows of `hashes` are the same items with the same crops, hashed by the same model."""
+def _reusable_prefix(hashes: Path, model: str, items: pa.Table, content: list[bytes]) -> list[bytes]:
+    """The codes of the leading rows of `hashes` that are the same items with the same crops, by the same model."""
     if not hashes.exists() or (pq.read_schema(hashes).metadata or {}).get(b"model", b"").decode() != model:
-        return 0
-    old = pq.read_table(hashes, columns=["key", "source", "content"])
+        return []
+    old = pq.read_table(hashes, columns=["key", "source", "content", "code"])
     n = min(old.num_rows, items.num_rows)
     same = (np.array(old["key"].to_pylist()[:n]) == np.array(items["key"].to_pylist()[:n])) & (
         np.array(old["source"].to_pylist()[:n]) == np.array(items["source"].to_pylist()[:n])
     )
     same &= np.array([a == b for a, b in zip(old["content"].to_pylist()[:n], content[:n], strict=True)], bool)
-    return int(np.argmin(same)) if not same.all() else n
+    keep = n if same.all() else int(np.argmin(same))
+    return old["code"].to_pylist()[:keep]
 
 
 def group_items(work: Path, settings: DedupSettings, *, full: bool = False) -> dict:

@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 
 from dcgan.checkpoint import list_checkpoints
 from dcgan.evaluation.fixed_protocol import comparison_figure, fixed_protocol
-from dcgan.registry import Decision, challenge, load_registry, reference_settings, register_run, retrain_lock
+from dcgan.registry import Decision, Registry, challenge, load_registry, reference_settings, register_run, retrain_lock
 from dcgan.settings import RetrainSettings, TrainSettings
 from dcgan.train import resolve_device
 from flows.config import stage_settings
@@ -26,17 +26,15 @@ from preprocessing.settings import parse_settings
 from preprocessing.sharding import read_index, samples_added_since
 
 
-def _skip_reason(work: Path, settings: RetrainSettings) -> str | None:
+def _skip_reason(registry: Registry, shards: Path, version: int, settings: RetrainSettings) -> str | None:
     """Why no challenger is needed (the champion, or an earlier challenger, saw these shards), or None."""
-    registry = load_registry(work)
     if registry.champion is None:
         return None
     champion = registry.runs[registry.champion]
-    version = read_index(work / "shards")["version"]
     tried = [n for n, r in registry.runs.items() if n.startswith("retrain-") and r.dataset_version == version]
     if tried and tried[-1] != registry.champion:
         return f"challenger {tried[-1]} already trained on shard version {version} and was not promoted"
-    added = samples_added_since(work / "shards", champion.dataset_version)
+    added = samples_added_since(shards, champion.dataset_version)
     if version == champion.dataset_version or added < settings.min_new_samples:
         return (
             f"the shards are at version {version}; the champion {registry.champion} trained on version "
@@ -55,14 +53,18 @@ def measure(work: str, run_dir: str, settings: RetrainSettings) -> dict:
 
 @task
 def decide_and_report(
-    work: str, challenger: str, settings: RetrainSettings, metrics: dict, champion_metrics: dict | None
+    work: str,
+    version: int,
+    challenger_dir: str,
+    champion_dir: str | None,
+    settings: RetrainSettings,
+    metrics: dict,
+    champion_metrics: dict | None,
 ) -> dict:
     """Register the challenger with its measured metrics, pit it against the champion, publish the decision."""
-    w = Path(work)
-    registry = load_registry(w)
-    champion = registry.champion
-    run_dir = w / "train" / challenger
-    register_run(w, challenger, run_dir, read_index(w / "shards")["version"], settings.model_dump(), metrics)
+    w, run_dir = Path(work), Path(challenger_dir)
+    challenger, champion = run_dir.name, Path(champion_dir).name if champion_dir else None
+    register_run(w, challenger, run_dir, version, settings.model_dump(), metrics)
     decision: Decision = challenge(
         w, challenger, metric=settings.metric, margin=settings.margin, champion_metrics=champion_metrics
     )
@@ -75,20 +77,20 @@ def decide_and_report(
         rows, ("metric (lower is better, but memorisation)", champion or "no champion", challenger)
     )
     md += f"\n**{'Promoted' if decision.promote else 'Kept the champion'}:** {decision.reason}\n"
-    left = Path(registry.runs[champion].run_dir) if champion else run_dir
+    left = Path(champion_dir) if champion_dir else run_dir
     figure = comparison_figure(left, run_dir, titles=(champion or challenger, challenger))
     publish(w, "retrain", md, figure)
     return {"decision": "promoted" if decision.promote else "kept", "reason": decision.reason, "challenger": challenger}
 
 
-def effective_settings(work: Path, settings: RetrainSettings) -> RetrainSettings:
+def effective_settings(registry: Registry, resolution: int, settings: RetrainSettings) -> RetrainSettings:
     """Train like the champion: fields not given explicitly come from its settings (or the newest run's).
 
-    Without any registered run they are the defaults, at the shards' resolution.
+    Without any registered run they are the defaults, at the shards' `resolution`.
     """
-    base = {k: v for k, v in reference_settings(load_registry(work)).items() if k in TrainSettings.model_fields}
+    base = {k: v for k, v in reference_settings(registry).items() if k in TrainSettings.model_fields}
     base.pop("init_from", None)
-    base.setdefault("resolution", read_index(work / "shards")["resolution"])
+    base.setdefault("resolution", resolution)
     given = settings.model_dump(include=settings.model_fields_set)
     return parse_settings(RetrainSettings, {**base, **given}, "retrain settings")
 
@@ -102,23 +104,23 @@ def retrain_flow(work: str, settings: RetrainSettings = RetrainSettings(), force
     retrain of the same work directory at the same time is refused.
     """
     w = Path(work)
-    settings = effective_settings(w, settings)
-    train_settings = stage_settings(TrainSettings, settings)
-    check_train(work, train_settings)
     with retrain_lock(w):
-        reason = None if force else _skip_reason(w, settings)
+        registry, index = load_registry(w), read_index(w / "shards")
+        version = index["version"]
+        settings = effective_settings(registry, index["resolution"], settings)
+        train_settings = stage_settings(TrainSettings, settings)
+        check_train(work, train_settings)
+        reason = None if force else _skip_reason(registry, w / "shards", version, settings)
         if reason is not None:
             get_run_logger().info("retrain skipped: %s", reason)
             publish(w, "retrain", f"# Retrain\n\nNothing to do: {reason}.\n")
             return {"decision": "skipped", "reason": reason}
-        registry = load_registry(w)
-        champion = registry.champion
-        if settings.warm_start and champion is not None:
-            latest = list_checkpoints(Path(registry.runs[champion].run_dir))[-1]
+        champion_dir = registry.runs[registry.champion].run_dir if registry.champion else None
+        if settings.warm_start and champion_dir is not None:
+            latest = list_checkpoints(Path(champion_dir))[-1]
             train_settings = train_settings.model_copy(update={"init_from": str(latest)})
-        version = read_index(w / "shards")["version"]
         run = f"retrain-v{version}-{time.strftime('%Y%m%d-%H%M%S')}"
         trained = train_flow(work, train_settings, run=run, add_to_registry=False)
         metrics = measure(work, trained["run_dir"], settings)
-        champion_metrics = measure(work, registry.runs[champion].run_dir, settings) if champion else None
-        return decide_and_report(work, run, settings, metrics, champion_metrics)
+        champion_metrics = measure(work, champion_dir, settings) if champion_dir else None
+        return decide_and_report(work, version, trained["run_dir"], champion_dir, settings, metrics, champion_metrics)

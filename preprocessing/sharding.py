@@ -131,12 +131,13 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
         log.info("shards in %s are up to date (version %d)", final, current["version"])
         return {**current, "added": 0}
     previous = None if rebuild else _previous_samples(final, current, settings, resolution)
-    if previous is not None and previous.keys() <= {w[0] for w in wanted}:
-        new = [w for w in wanted if w[0] not in previous]
+    written = set(previous["key"].to_pylist()) if previous is not None else None
+    if written is not None and written <= {w[0] for w in wanted}:
+        new = [w for w in wanted if w[0] not in written]
         if not new:
             log.info("shards in %s: no new samples, version %d stays", final, current["version"])
             return {**current, "added": 0}
-        index = _append_version(final, current, _locate(new), settings, digest.hexdigest())
+        index = _append_version(final, current, previous, _locate(new), settings, digest.hexdigest())
     else:
         if current is None:
             reason = "first version"
@@ -158,13 +159,12 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
     return index
 
 
-def _previous_samples(final: Path, current: dict | None, settings: ShardSettings, resolution: int) -> dict | None:
-    """{sample key: version} of the current shards when new samples can be appended to them, else None."""
+def _previous_samples(final: Path, current: dict | None, settings: ShardSettings, resolution: int) -> pa.Table | None:
+    """samples.parquet of the current shards when new samples can be appended to them, else None."""
     same = {"seed": settings.seed, "maxcount": settings.maxcount, "maxsize": settings.maxsize, "resolution": resolution}
     if current is None or any(current.get(k) != v for k, v in same.items()) or not (final / SAMPLES).exists():
         return None
-    table = pq.read_table(final / SAMPLES, columns=["key", "version"])
-    return dict(zip(table["key"].to_pylist(), table["version"].to_pylist(), strict=True))
+    return pq.read_table(final / SAMPLES)
 
 
 def _write_shards(folder: Path, items: list[Item], start: int, settings: ShardSettings, seed: int) -> list[dict]:
@@ -254,7 +254,9 @@ def samples_added_since(shards: Path, version: int) -> int:
     return sum(v["total"] if v["rebuild"] else v["added"] for v in _versions(Path(shards)) if v["version"] > version)
 
 
-def _append_version(final: Path, current: dict, new: list[Item], settings: ShardSettings, fingerprint: str) -> dict:
+def _append_version(
+    final: Path, current: dict, previous: pa.Table, new: list[Item], settings: ShardSettings, fingerprint: str
+) -> dict:
     """New samples into new shard files beside the old ones; index.json, written last, commits them."""
     version = current["version"] + 1
     start = len(current["shardlist"])
@@ -271,7 +273,7 @@ def _append_version(final: Path, current: dict, new: list[Item], settings: Shard
         "fingerprint": fingerprint,
         "version": version,
     }
-    return _finish(final, index, shardlist, pq.read_table(final / SAMPLES), _versions(final), start)
+    return _finish(final, index, shardlist, previous, _versions(final), start)
 
 
 def _write_version(
