@@ -1,9 +1,12 @@
 """The paper's semantic hash: a 3072-128-3072 denoising, dropout-regularised ReLU autoencoder.
 
 Radford et al. (2015, section 4.1.1) fit it on 32x32 center crops and binarise the ReLU code
-by thresholding (> 0) into 128 bits. Inputs are scaled to [0, 1] and centred on the training
-set's mean image (stored with the weights); training corrupts inputs with Gaussian noise and
-drops code units, and stops when the held-out loss stops improving.
+by thresholding (> 0) into 128 bits. Each crop is first normalised for brightness and
+contrast (dedup.contrast: its mean removed, divided by its floored spread), then mapped to
+the spread of a typical image in [0, 1] (0.5 +- 0.25) and centred on the training set's mean
+input (stored with the weights), so a brighter or flatter copy gets the same code. Training
+corrupts inputs with Gaussian noise and drops code units, and stops when the held-out loss
+stops improving.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dedup.contrast import normalise
 from preprocessing.atomic import atomic_write_bytes
 from preprocessing.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dcgan-pipeline-dedup-autoencoder/1"
+FORMAT = "dcgan-pipeline-dedup-autoencoder/2"  # /1 hashed raw crops (not normalised)
+OLD_FORMATS = ("dcgan-pipeline-dedup-autoencoder/1",)
 INPUT = 32 * 32 * 3
 CODE = 128
 
@@ -58,16 +63,16 @@ class DenoisingAutoencoder(nn.Module):
         self.register_buffer("mean", torch.zeros(INPUT))
 
     def code(self, x: torch.Tensor) -> torch.Tensor:
-        """ReLU code of centred inputs in [0, 1] (N, 3072)."""
+        """ReLU code of inputs made by `to_input` (N, 3072)."""
         return torch.relu(self.encoder(x - self.mean))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.dropout(self.code(x))) + self.mean
 
 
-def to_unit(crops: np.ndarray) -> torch.Tensor:
-    """(N, 32, 32, 3) uint8 -> (N, 3072) float in [0, 1]."""
-    return torch.from_numpy(np.array(crops, dtype=np.uint8).reshape(len(crops), INPUT)).float().div_(255.0)
+def to_input(crops: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 -> (N, 3072) float: normalised crops at the spread of an image in [0, 1]."""
+    return normalise(crops).mul_(0.25).add_(0.5)
 
 
 def train_autoencoder(crops: np.ndarray, cfg: AEConfig) -> tuple[DenoisingAutoencoder, dict[str, Any]]:
@@ -86,7 +91,7 @@ def train_autoencoder(crops: np.ndarray, cfg: AEConfig) -> tuple[DenoisingAutoen
     if n_hold == 0:  # a single image: nothing to hold out, so score on it (the run is trivial anyway)
         hold = train
     device = torch.device(cfg.device)
-    data = to_unit(crops).to(device)
+    data = to_input(crops).to(device)
     model = DenoisingAutoencoder(cfg.dropout).to(device)
     model.mean.copy_(data[train].mean(0))
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -140,6 +145,11 @@ def load_autoencoder(path: Path) -> tuple[DenoisingAutoencoder, dict[str, Any]]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
         raise AutoencoderError(f"cannot read autoencoder checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(ckpt, dict) and ckpt.get("format") in OLD_FORMATS:
+        raise AutoencoderError(
+            f"{path} was trained by an older version on crops without brightness/contrast normalisation; "
+            "its codes would not match: train a new one (dedup without --autoencoder)"
+        )
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise AutoencoderError(f"{path} is not a dcgan-pipeline dedup autoencoder checkpoint")
     model = DenoisingAutoencoder(ckpt["config"].get("dropout", 0.2))
@@ -156,6 +166,6 @@ def encode_bits(model: DenoisingAutoencoder, crops: np.ndarray, batch: int = 819
     """Binarised codes: (N, 16) uint8, bit i set where code unit i is > 0 (the paper's threshold)."""
     out = np.empty((len(crops), CODE // 8), np.uint8)
     for i in range(0, len(crops), batch):
-        active = (model.code(to_unit(crops[i : i + batch])) > 0).numpy()
+        active = (model.code(to_input(crops[i : i + batch])) > 0).numpy()
         out[i : i + batch] = np.packbits(active, axis=1)
     return out

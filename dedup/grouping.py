@@ -1,59 +1,47 @@
-"""Group items by their 128-bit codes: exact match in linear time, or within a Hamming radius.
+"""Group near duplicates in two steps: candidates from the 128-bit hash, then verification.
 
-Radius 0 is the paper's rule: identical codes collide, found with one hash pass (Arrow's
-dictionary encoding). Radius R > 0 uses multi-index hashing: split the code into R + 1
-chunks; two codes within distance R agree exactly on at least one chunk (pigeonhole), so
-only items sharing a chunk value are compared. Its cost is the number of candidate pairs,
-returned so callers can report it. Codes with too few active bits (an all-zero code from a
-black or flat image) say nothing about content: they are never merged by code, only by
-identical pixels, and are counted as degenerate.
+1. Pixel-identical crops (equal content digests) are one group at once, in one hash pass;
+   only one representative of each goes on, so a set of identical images costs nothing more.
+2. Candidates: pairs of representatives whose codes are within Hamming radius R, found by
+   multi-index hashing with a bucket cap (dedup.candidates; radius 0 is the paper's exact
+   code match).
+3. Verification: each candidate pair is judged on the thumbnails (dedup.verify). Only
+   verified pairs link items, so a larger radius buys recall without costing precision.
+4. Groups are the connected components of the verified and identical pairs
+   (scipy.sparse.csgraph); a group's id is its smallest member index.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-BITS = 128
+from dedup.candidates import BITS, CandidateStats, candidate_pairs
+from dedup.contrast import ThumbStats
+from dedup.verify import VerifyRule, verify_pairs
 
 
 @dataclass
 class Grouping:
     group: np.ndarray  # (N,) int64 group id (the smallest member index)
-    degenerate: np.ndarray  # (N,) bool
-    candidate_pairs: int  # pairs compared (0 for radius 0)
+    low_content: np.ndarray  # (N,) bool: spread under the contrast floor (merged only when near-identical)
+    identical_pairs: int = 0  # items linked to a pixel-identical earlier item
+    candidate_pairs: int = 0  # pairs proposed by the hash (within the radius)
+    verified_pairs: int = 0  # candidates that passed verification
+    low_content_pairs: int = 0  # candidates judged by the near-identical rule
+    candidates: CandidateStats = field(default_factory=CandidateStats)
+
+    @property
+    def rejected_pairs(self) -> int:
+        return self.candidate_pairs - self.verified_pairs
 
 
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = np.arange(n, dtype=np.int64)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
-        for i, j in zip(a.tolist(), b.tolist(), strict=True):
-            ri, rj = self.find(i), self.find(j)
-            if ri != rj:
-                self.parent[max(ri, rj)] = min(ri, rj)
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
-
-
-def popcount(codes: np.ndarray) -> np.ndarray:
-    return np.unpackbits(codes, axis=1).sum(axis=1)
-
-
-def _first_of_equal(values: pa.Array) -> np.ndarray:
+def first_of_equal(values: pa.Array) -> np.ndarray:
     """For each item, the index of the first item with an equal value (one hash pass)."""
     idx = pc.dictionary_encode(values).indices.to_numpy(zero_copy_only=False)
     first = np.full(int(idx.max()) + 1 if len(idx) else 0, len(idx), dtype=np.int64)
@@ -61,68 +49,84 @@ def _first_of_equal(values: pa.Array) -> np.ndarray:
     return first[idx]
 
 
-def _chunk_values(bits: np.ndarray, start: int, stop: int) -> np.ndarray:
-    weights = (1 << np.arange(stop - start - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
-    return (bits[:, start:stop].astype(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of the pairs (a, b) over n items; label = smallest member index."""
+    if n == 0:
+        return np.zeros(0, np.int64)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, np.int64)
+    np.minimum.at(first, labels, np.arange(n, dtype=np.int64))
+    return first[labels]
 
 
-def _within_radius(codes: np.ndarray, a: np.ndarray, b: np.ndarray, radius: int) -> np.ndarray:
-    x = np.bitwise_xor(codes[a], codes[b])
-    return np.unpackbits(x, axis=1).sum(axis=1) <= radius
-
-
-def group_codes(
-    codes: np.ndarray, radius: int = 0, *, content: list[bytes] | None = None, min_bits: int = 1
+def group_near_duplicates(
+    codes: np.ndarray,
+    thumbs: np.ndarray,
+    *,
+    radius: int,
+    rule: VerifyRule | None = None,
+    content: list[bytes] | None = None,
+    rows: np.ndarray | None = None,
+    cap: int = 64,
+    stats: ThumbStats | None = None,
 ) -> Grouping:
-    """Group (N, 16) uint8 codes; `content` (e.g. pixel hashes) groups the degenerate codes."""
+    """Group N items: codes (N, 16) uint8; their thumbnails are `thumbs[rows]` (rows default: all).
+
+    `content` (N digests of the crop pixels) merges identical crops before any hashing.
+    `stats` are the thumbnails' ThumbStats when the caller has them already (same rows as thumbs).
+    """
     if codes.ndim != 2 or codes.shape[1] != BITS // 8:
         raise ValueError(f"codes must be (N, {BITS // 8}) uint8, got {codes.shape}")
-    if not 0 <= radius < BITS // 2:
-        raise ValueError(f"radius must be between 0 and {BITS // 2 - 1}, got {radius}")
     n = len(codes)
-    degenerate = popcount(codes) < min_bits if n else np.zeros(0, bool)
-    group = np.arange(n, dtype=np.int64)  # degenerate codes stay alone unless their content matches
-    live = np.flatnonzero(~degenerate)
-    if len(live):
-        fixed = pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(BITS // 8), len(live), [None, pa.py_buffer(np.ascontiguousarray(codes[live]).tobytes())]
-        )
-        group[live] = live[_first_of_equal(fixed)]
-    dead = np.flatnonzero(degenerate)
-    if content is not None and len(dead):
-        group[dead] = dead[_first_of_equal(pa.array([content[i] for i in dead], type=pa.binary()))]
-    pairs = 0
-    if radius > 0 and n:
-        uf = _UnionFind(n)
-        uf.union_pairs(np.arange(n), group)  # exact matches first
-        bits = np.unpackbits(codes[live], axis=1)
-        bounds = np.linspace(0, BITS, radius + 2).astype(int)
-        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-            values = _chunk_values(bits, start, stop)
-            order = np.argsort(values, kind="stable")
-            sorted_vals = values[order]
-            run_starts = np.flatnonzero(np.r_[True, sorted_vals[1:] != sorted_vals[:-1]])
-            run_ends = np.r_[run_starts[1:], len(order)]
-            for s, e in zip(run_starts, run_ends, strict=True):
-                if e - s < 2:
-                    continue
-                members = live[order[s:e]]
-                ia, ib = np.triu_indices(len(members), k=1)
-                a, b = members[ia], members[ib]
-                pairs += len(a)
-                close = _within_radius(codes, a, b, radius)
-                uf.union_pairs(a[close], b[close])
-        group = uf.roots()
-    return Grouping(group=group, degenerate=degenerate, candidate_pairs=pairs)
+    rows = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    if len(rows) != n:
+        raise ValueError(f"{n} codes but {len(rows)} thumbnail rows")
+    rule = rule or VerifyRule()
+    stats = stats if stats is not None else ThumbStats.of(thumbs)
+    low = stats.std[rows] < rule.contrast_floor if n else np.zeros(0, bool)
+    result = Grouping(group=np.arange(n, dtype=np.int64), low_content=low)
+    if n == 0:
+        return result
+    edges_a: list[np.ndarray] = []
+    edges_b: list[np.ndarray] = []
+    reps = np.arange(n, dtype=np.int64)
+    if content is not None:
+        first = first_of_equal(pa.array(content, type=pa.binary()))
+        dup = np.flatnonzero(first != reps)
+        edges_a.append(dup)
+        edges_b.append(first[dup])
+        result.identical_pairs = len(dup)
+        reps = np.flatnonzero(first == reps)
+    tiebreak = stats.mean[rows[reps]]  # orders members of oversize buckets of identical codes
+    for a, b in candidate_pairs(codes[reps], radius, cap=cap, tiebreak=tiebreak, stats=result.candidates):
+        ga, gb = reps[a], reps[b]
+        verdict = verify_pairs(thumbs, stats, rows[ga], rows[gb], rule)
+        result.candidate_pairs += len(ga)
+        result.verified_pairs += int(verdict.ok.sum())
+        result.low_content_pairs += int(verdict.low_content.sum())
+        edges_a.append(ga[verdict.ok])
+        edges_b.append(gb[verdict.ok])
+    result.group = components(n, np.concatenate(edges_a or [reps[:0]]), np.concatenate(edges_b or [reps[:0]]))
+    return result
 
 
-def choose_keepers(group: np.ndarray, rank: list[tuple]) -> np.ndarray:
-    """Keep one item per group: the smallest `rank` tuple (e.g. (-pixels, source, key))."""
-    best: dict[int, int] = {}
-    for i, g in enumerate(group.tolist()):
-        j = best.get(g)
-        if j is None or rank[i] < rank[j]:
-            best[g] = i
-    keep = np.zeros(len(group), bool)
-    keep[list(best.values())] = True
+def choose_keepers(group: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Keep one item per group: the one of lowest `rank` (unique ints, e.g. from `keeper_rank`)."""
+    n = len(group)
+    best = np.full(n, n, np.int64)
+    np.minimum.at(best, group, rank)
+    keep = np.zeros(n, bool)
+    winners = best[best < n]
+    order = np.empty(n, np.int64)
+    order[rank] = np.arange(n)
+    keep[order[winners]] = True
     return keep
+
+
+def keeper_rank(pixels: list[int], sources: list[str], keys: list[str]) -> np.ndarray:
+    """Rank 0..N-1 by (largest source image, then source, then key): the keeper order of a group."""
+    order = np.lexsort((np.array(keys, dtype=object), np.array(sources, dtype=object), -np.asarray(pixels)))
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank

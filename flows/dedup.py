@@ -1,7 +1,7 @@
 """Dedup flow: crops -> autoencoder -> 128-bit codes -> groups and keep flags, with a report.
 
 Each step is a task cached on the fingerprints of the files it reads and writes, so
-changing the radius regroups without retraining, and a new extraction retrains.
+changing the grouping settings (radius, threshold) regroups without retraining, and a new extraction retrains.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def fit(work: str, settings: DedupSettings, retrain: bool) -> tuple[str, dict | 
 
 @task(
     cache_policy=FileFingerprint(
-        outputs=_outs("hashes.parquet"), paths=("checkpoint",), derived=_outs("crops32.npy"), packages=PACKAGES
+        outputs=_outs("hashes.parquet", "thumbs16.npy"),
+        paths=("checkpoint",),
+        derived=_outs("crops32.npy"),
+        packages=PACKAGES,
     ),
     **_POLICY,
 )
@@ -70,7 +73,9 @@ def encode(work: str, checkpoint: str) -> float:
 
 @task(
     cache_policy=FileFingerprint(
-        outputs=_outs("codes.parquet", "report.md"), derived=_outs("hashes.parquet"), packages=PACKAGES
+        outputs=_outs("codes.parquet", "report.md"),
+        derived=_outs("hashes.parquet", "thumbs16.npy"),
+        packages=PACKAGES,
     ),
     **_POLICY,
 )

@@ -22,7 +22,6 @@ from dedup.autoencoder import (
     save_autoencoder,
     train_autoencoder,
 )
-from dedup.grouping import choose_keepers, group_codes
 from dedup.settings import DedupSettings
 from dedup.stage import DedupError, collect_crops, encode_items, group_items, prepare_autoencoder
 from preprocessing.photo_stages import run_photo_stage
@@ -44,50 +43,6 @@ def test_autoencoder_is_3072_128_3072_relu_with_dropout() -> None:
     assert isinstance(model.dropout, torch.nn.Dropout) and model.dropout.p == 0.2
 
 
-def test_exact_codes_group_in_one_pass_and_keep_one() -> None:
-    rng = np.random.default_rng(0)
-    codes = rng.integers(0, 256, (6, 16), dtype=np.uint8)
-    codes[4] = codes[1]
-    codes[5] = codes[1]
-    g = group_codes(codes, 0)
-    assert g.group.tolist() == [0, 1, 2, 3, 1, 1] and g.candidate_pairs == 0
-    rank = [(-100, "a", "k0"), (-50, "a", "k1"), (0, "a", "k2"), (0, "a", "k3"), (-200, "b", "k4"), (-200, "a", "k5")]
-    keep = choose_keepers(g.group, rank)
-    assert keep.tolist() == [True, False, True, True, False, True]  # largest image, then source/key order
-
-
-def test_radius_grouping_uses_multi_index_hashing() -> None:
-    rng = np.random.default_rng(1)
-    codes = rng.integers(0, 256, (2000, 16), dtype=np.uint8)
-    near = codes[:50].copy()
-    bits = np.unpackbits(near, axis=1)
-    for row in bits:
-        row[rng.choice(128, 3, replace=False)] ^= 1  # 3 bits away
-    codes = np.concatenate([codes, np.packbits(bits, axis=1)])
-    exact = group_codes(codes, 0)
-    assert len(np.unique(exact.group)) == 2050
-    g = group_codes(codes, 3)
-    assert all(g.group[2000 + i] == g.group[i] for i in range(50))
-    assert len(np.unique(g.group)) == 2000
-    assert g.candidate_pairs < 2050 * 2049 // 2 // 20  # far below all pairs
-    assert len(np.unique(group_codes(codes, 2).group)) == 2050  # 3 bits is beyond radius 2
-
-
-def test_degenerate_codes_never_merge_unrelated_items() -> None:
-    codes = np.zeros((4, 16), np.uint8)
-    g = group_codes(codes, 0, content=[b"black", b"white", b"black", b"grey"])
-    assert g.degenerate.all()
-    assert g.group.tolist() == [0, 1, 0, 3]  # only pixel-identical ones merge
-    assert group_codes(codes, 5, content=[b"a", b"b", b"c", b"d"]).group.tolist() == [0, 1, 2, 3]
-
-
-def test_bad_radius_and_shapes_are_refused() -> None:
-    with pytest.raises(ValueError):
-        group_codes(np.zeros((2, 16), np.uint8), 64)
-    with pytest.raises(ValueError):
-        group_codes(np.zeros((2, 8), np.uint8), 0)
-
-
 def test_training_stops_on_plateau_and_round_trips(tmp_path: Path) -> None:
     crops = np.random.default_rng(0).integers(0, 256, (300, 32, 32, 3), dtype=np.uint8)
     model, info = train_autoencoder(crops, AEConfig(max_epochs=40, patience=2, min_improvement=0.5))
@@ -107,9 +62,13 @@ def test_corrupted_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> No
         load_autoencoder(tmp_path / "other.pt")
     model = DenoisingAutoencoder()
     state = {k: v[:10] if k == "encoder.weight" else v for k, v in model.state_dict().items()}
-    torch.save({"format": "dcgan-pipeline-dedup-autoencoder/1", "state": state, "config": {}}, tmp_path / "bad.pt")
+    torch.save({"format": "dcgan-pipeline-dedup-autoencoder/2", "state": state, "config": {}}, tmp_path / "bad.pt")
     with pytest.raises(AutoencoderError, match="does not hold a 3072-128-3072"):
         load_autoencoder(tmp_path / "bad.pt")
+    v1 = {"format": "dcgan-pipeline-dedup-autoencoder/1", "state": model.state_dict(), "config": {}}
+    torch.save(v1, tmp_path / "v1.pt")
+    with pytest.raises(AutoencoderError, match="older version .* without brightness/contrast normalisation"):
+        load_autoencoder(tmp_path / "v1.pt")  # hashed raw crops: its codes would not match today's
 
 
 def _image_folder(root: Path, images: list[bytes]) -> Path:
@@ -125,7 +84,7 @@ def cifar_pngs() -> list[bytes]:
     return [encode(Image.open(io.BytesIO(b)).convert("RGB"), "PNG") for b in table["image"].to_pylist()]
 
 
-def _dedup(work: Path, radius: int = 0) -> dict:
+def _dedup(work: Path, radius: int = FAST.radius) -> dict:
     collect_crops(work)
     prepare_autoencoder(work, FAST)
     encode_items(work)
@@ -296,3 +255,37 @@ def test_an_incremental_dedup_killed_midway_ends_the_same(tmp_path: Path, cifar_
     for name in ("codes.parquet", "hashes.parquet", "items.parquet"):
         a, b = pq.read_table(w / "dedup" / name), pq.read_table(clean / "dedup" / name)
         assert a.equals(b), name
+
+
+def test_a_codes_file_of_an_older_version_is_regrouped_never_reused(tmp_path: Path, cifar_pngs: list) -> None:
+    import pyarrow as pa
+
+    w = tmp_path / "w"
+    run_photo_stage(_image_folder(tmp_path / "p", cifar_pngs[:30] + cifar_pngs[:5]), w, "p", INGEST32, workers=1)
+    _dedup(w)
+    fresh = pq.read_table(w / "dedup" / "codes.parquet")
+    # what the previous version wrote: no format key, a `degenerate` column, the radius in the metadata
+    old = fresh.drop_columns(["low_content", "similarity"]).append_column("degenerate", pa.array([False] * 35))
+    old = old.set_column(old.column_names.index("keep"), "keep", pa.array([True] * 35))  # its (other) keep flags
+    pq.write_table(old.replace_schema_metadata({"radius": "8"}), w / "dedup" / "codes.parquet")
+    summary = group_items(w, FAST)
+    again = pq.read_table(w / "dedup" / "codes.parquet")
+    assert summary["migrated"] and not summary["incremental"]  # regrouped from scratch, not grown from the old file
+    assert again.equals(fresh) and summary["removed"] == 5
+    assert "written by an older version" in (w / "dedup" / "report.md").read_text()
+    hashes = pq.read_table(w / "dedup" / "hashes.parquet")
+    pq.write_table(hashes.replace_schema_metadata({}), w / "dedup" / "hashes.parquet")  # an older version's codes
+    with pytest.raises(DedupError, match="older version"):
+        group_items(w, FAST)
+    encode_items(w)  # re-encodes: the format is not this version's
+    assert group_items(w, FAST)["removed"] == 5
+
+
+def test_all_black_and_all_white_sets_are_two_low_content_groups(tmp_path: Path) -> None:
+    black, white = (encode(Image.new("RGB", (32, 32), c), "PNG") for c in ("black", "white"))
+    w = tmp_path / "w"
+    run_photo_stage(_image_folder(tmp_path / "bw", [black] * 5 + [white] * 5), w, "bw", INGEST32, workers=1)
+    summary = _dedup(w)
+    codes = pq.read_table(w / "dedup" / "codes.parquet").to_pylist()
+    assert summary["groups"] == 2 and summary["low_content"] == 10 and all(r["low_content"] for r in codes)
+    assert "low-content items (flat or dark) | 10 |" in (w / "dedup" / "report.md").read_text()
