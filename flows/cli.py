@@ -21,7 +21,14 @@ from dcgan.settings import EvaluateSettings, RetrainSettings, TrainSettings
 from dedup.settings import DedupSettings
 from flows.options import with_settings
 from preprocessing.errors import UserError
-from preprocessing.settings import FacesSettings, IngestSettings, LsunSettings, ShardSettings
+from preprocessing.settings import (
+    FacesSettings,
+    IngestSettings,
+    LsunSettings,
+    RunnerSettings,
+    ShardSettings,
+    parse_settings,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -48,6 +55,19 @@ train:
 
 Work = Annotated[Path, typer.Option(help="work directory")]
 Refresh = Annotated[bool, typer.Option(help="discard an earlier run of this stage and redo it")]
+Dask = Annotated[
+    str | None, typer.Option("--dask", help="run the parts on the Dask cluster at this scheduler (tcp://HOST:8786)")
+]
+DaskWorkers = Annotated[
+    int | None, typer.Option("--dask-workers", help="run the parts on a temporary local Dask cluster of N workers")
+]
+
+
+def runner_from(dask: str | None, dask_workers: int | None) -> RunnerSettings:
+    """--dask / --dask-workers as RunnerSettings (neither: the local process pool)."""
+    if dask is None and dask_workers is None:
+        return RunnerSettings()
+    return parse_settings(RunnerSettings, {"type": "dask", "address": dask, "workers": dask_workers}, "runner")
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -127,13 +147,16 @@ def lsun(
     settings: LsunSettings,
     name: Annotated[list[str] | None, typer.Option(help="source name per --db (default: directory name)")] = None,
     refresh: Refresh = False,
+    dask: Dask = None,
+    dask_workers: DaskWorkers = None,
 ) -> None:
     """Extract center crops from LSUN LMDBs into WORK/extract/<source>/."""
     from flows.lsun import check_lsun, lsun_extract_flow
 
     dbs = [str(p) for p in db]
     check_lsun(dbs, name)  # fail before a Prefect API is even started
-    for r in lsun_extract_flow(dbs, str(work), settings, names=name, refresh=refresh):
+    runner = runner_from(dask, dask_workers)
+    for r in lsun_extract_flow(dbs, str(work), settings, names=name, refresh=refresh, runner=runner):
         typer.echo(f"{r['source']}: {r['ok']} ok, {r['total'] - r['ok']} rejected -> {r['out_dir']}")
 
 
@@ -146,6 +169,8 @@ def faces(
     settings: FacesSettings,
     name: Annotated[str | None, typer.Option(help="source name (default: faces_<file or folder name>)")] = None,
     refresh: Refresh = False,
+    dask: Dask = None,
+    dask_workers: DaskWorkers = None,
 ) -> None:
     """Detect faces in scraped photos and keep square crops of the large ones."""
     from flows.photos import faces_flow
@@ -154,7 +179,8 @@ def faces(
 
     open_source(photos)
     face_plan(settings)  # the detector and its model file load
-    r = faces_flow(str(photos), str(work), settings, name=name, refresh=refresh)
+    runner = runner_from(dask, dask_workers)
+    r = faces_flow(str(photos), str(work), settings, name=name, refresh=refresh, runner=runner)
     typer.echo(f"{r['source']}: {r['photos']} photos -> {r['ok']} face crops -> {r['out_dir']}")
 
 
@@ -167,13 +193,16 @@ def ingest(
     settings: IngestSettings,
     name: Annotated[str | None, typer.Option(help="source name (default: images_<file or folder name>)")] = None,
     refresh: Refresh = False,
+    dask: Dask = None,
+    dask_workers: DaskWorkers = None,
 ) -> None:
     """Min-resize and center-crop an image folder or table (ImageNet-style, 32 px)."""
     from flows.photos import ingest_flow
     from preprocessing.photos import open_source
 
     open_source(images)
-    r = ingest_flow(str(images), str(work), settings, name=name, refresh=refresh)
+    runner = runner_from(dask, dask_workers)
+    r = ingest_flow(str(images), str(work), settings, name=name, refresh=refresh, runner=runner)
     typer.echo(f"{r['source']}: {r['photos']} images -> {r['ok']} crops -> {r['out_dir']}")
 
 

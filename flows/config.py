@@ -19,6 +19,7 @@ from preprocessing.settings import (
     FacesSettings,
     IngestSettings,
     LsunSettings,
+    RunnerSettings,
     Settings,
     SettingsError,
     ShardSettings,
@@ -80,6 +81,9 @@ class PipelineConfig(Settings):
     work: str = Field(description="work directory")
     sources: list[Source] = Field(min_length=1, description="the raw sources, extracted in order")
     extract: LsunSettings = Field(LsunSettings(), description="crop size for every source; LSUN partitioning")
+    runner: RunnerSettings = Field(
+        RunnerSettings(), description="where the extraction parts run: process, or {type: dask, address|workers}"
+    )
     dedup: PipelineDedup = PipelineDedup()
     shard: ShardSettings = ShardSettings()
     train: PipelineTrain = PipelineTrain()

@@ -8,16 +8,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import PART_TASK
 from flows.reports import part_totals, publish, rejects_section
+from flows.runners import check_runner, task_runner
 from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
 from preprocessing.extraction import ExtractionPlan, manifest_counts, merge_manifests, summarize_plan
 from preprocessing.lsun import LsunError, LsunKind, extract_partition, prepare_extraction, resolve_db, source_name
 from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
-from preprocessing.settings import LsunSettings
+from preprocessing.settings import LsunSettings, RunnerSettings
 
 
 def check_lsun(db: list[str], names: list[str] | None) -> None:
@@ -42,6 +42,13 @@ def plan_lsun(db: str, work: str, settings: LsunSettings, name: str | None, refr
 @task(**PART_TASK)
 def extract_lsun_part(part: int, out_dir: str, settings: LsunSettings) -> dict:
     return extract_partition(Path(out_dir), part, settings)
+
+
+@flow(name="lsun-extract-parts")
+def extract_lsun_parts(parts: list[int], out_dir: str, settings: LsunSettings, refresh: bool) -> list[dict]:
+    """The parts to do, one task each, on the stage's task runner (see `lsun_extract_flow`)."""
+    task_ = extract_lsun_part.with_options(refresh_cache=True) if refresh else extract_lsun_part
+    return task_.map(parts, unmapped(out_dir), unmapped(settings)).result()
 
 
 @task
@@ -90,26 +97,28 @@ def merge_lsun(out_dir: str, db: str, settings: LsunSettings, plan: dict, summar
     }
 
 
-@flow(name="lsun-extract", task_runner=ProcessPoolTaskRunner())
+@flow(name="lsun-extract")
 def lsun_extract_flow(
     db: list[str],
     work: str,
     settings: LsunSettings = LsunSettings(),
     names: list[str] | None = None,
     refresh: bool = False,
+    runner: RunnerSettings = RunnerSettings(),
 ) -> list[dict]:
     """Extract center crops from LSUN LMDBs into `work/extract/<source>/`; a rerun extracts only new keys.
 
-    Parts run on a process pool of one worker per core (PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS
-    overrides); on a Dask or Ray cluster, pass that task runner with `lsun_extract_flow.with_options`.
+    Parts run on `runner`: a process pool of one worker per core (the default;
+    PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS overrides) or a Dask cluster.
     """
     check_lsun(db, names)
+    check_runner(runner, db, work)
+    parts_flow = extract_lsun_parts.with_options(task_runner=task_runner(runner))
     results = []
     for i, path in enumerate(db):
         out_dir, plan = plan_lsun(path, work, settings, names[i] if names else None, refresh)
         t0 = time.perf_counter()
-        task_ = extract_lsun_part.with_options(refresh_cache=True) if refresh else extract_lsun_part
         with api_shared_with_subprocesses():
-            summaries = task_.map(plan["todo"], unmapped(out_dir), unmapped(settings)).result()
+            summaries = parts_flow(plan["todo"], out_dir, settings, refresh) if plan["todo"] else []
         results.append(merge_lsun(out_dir, path, settings, plan, summaries, time.perf_counter() - t0))
     return results

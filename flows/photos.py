@@ -9,17 +9,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.task_runners import ProcessPoolTaskRunner
 
 from flows.caching import PART_TASK
 from flows.reports import part_totals, publish, rejects_section
+from flows.runners import check_runner, task_runner
 from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
 from preprocessing.extraction import ExtractionPlan, manifest_counts, summarize_plan
 from preprocessing.markdown import table
 from preprocessing.photo_stages import merge_photo_manifests, prepare_photo_stage, run_photo_part
 from preprocessing.photos import open_source
 from preprocessing.preview import grid_from_shards
-from preprocessing.settings import FacesSettings, IngestSettings
+from preprocessing.settings import FacesSettings, IngestSettings, RunnerSettings
 
 
 def default_name(photos: str, prefix: str) -> str:
@@ -42,6 +42,13 @@ def plan_photos(
 @task(**PART_TASK)
 def photo_part(out_dir: str, part: int) -> dict:
     return run_photo_part(Path(out_dir), part)
+
+
+@flow(name="photo-parts")
+def photo_parts(out_dir: str, parts: list[int], refresh: bool) -> list[dict]:
+    """The parts to do, one task each, on the stage's task runner."""
+    task_ = photo_part.with_options(refresh_cache=True) if refresh else photo_part
+    return task_.map(unmapped(out_dir), parts).result()
 
 
 @task
@@ -93,28 +100,48 @@ def merge_photos(out_dir: str, plan: dict, summaries: list[dict], wall: float, t
 
 
 def _run_stage(
-    photos: str, work: str, name: str, settings: FacesSettings | IngestSettings, refresh: bool, title: str
+    photos: str,
+    work: str,
+    name: str,
+    settings: FacesSettings | IngestSettings,
+    refresh: bool,
+    title: str,
+    runner: RunnerSettings,
 ) -> dict:
     open_source(photos)  # a clear error for a missing or unreadable collection, before any work
+    check_runner(runner, [photos, *([settings.model] if getattr(settings, "model", None) else [])], work)
     out_dir, plan = plan_photos(photos, work, name, settings, refresh)
     t0 = time.perf_counter()
-    task_ = photo_part.with_options(refresh_cache=True) if refresh else photo_part
     with api_shared_with_subprocesses():
-        summaries = task_.map(unmapped(out_dir), plan["todo"]).result()
+        parts_flow = photo_parts.with_options(task_runner=task_runner(runner))
+        summaries = parts_flow(out_dir, plan["todo"], refresh) if plan["todo"] else []
     return merge_photos(out_dir, plan, summaries, time.perf_counter() - t0, title)
 
 
-@flow(name="faces", task_runner=ProcessPoolTaskRunner())
+@flow(name="faces")
 def faces_flow(
-    photos: str, work: str, settings: FacesSettings = FacesSettings(), name: str | None = None, refresh: bool = False
+    photos: str,
+    work: str,
+    settings: FacesSettings = FacesSettings(),
+    name: str | None = None,
+    refresh: bool = False,
+    runner: RunnerSettings = RunnerSettings(),
 ) -> dict:
-    """Detect faces in a folder, tar or Parquet table of photos; keep square crops of faces >= min_face px."""
-    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, refresh, "Faces")
+    """Detect faces in a folder, tar or Parquet table of photos; keep square crops of faces >= min_face px.
+
+    Parts run on `runner` (a local process pool, or a Dask cluster).
+    """
+    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, refresh, "Faces", runner)
 
 
-@flow(name="ingest", task_runner=ProcessPoolTaskRunner())
+@flow(name="ingest")
 def ingest_flow(
-    images: str, work: str, settings: IngestSettings = IngestSettings(), name: str | None = None, refresh: bool = False
+    images: str,
+    work: str,
+    settings: IngestSettings = IngestSettings(),
+    name: str | None = None,
+    refresh: bool = False,
+    runner: RunnerSettings = RunnerSettings(),
 ) -> dict:
-    """Min-resize + center-crop a folder tree (class subfolders = labels) or image table."""
-    return _run_stage(images, work, name or default_name(images, "images"), settings, refresh, "Ingestion")
+    """Min-resize + center-crop a folder tree (class subfolders = labels) or image table, parts on `runner`."""
+    return _run_stage(images, work, name or default_name(images, "images"), settings, refresh, "Ingestion", runner)

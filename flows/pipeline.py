@@ -25,6 +25,7 @@ from flows.evaluate import evaluate_flow
 from flows.lsun import check_lsun, lsun_extract_flow
 from flows.photos import faces_flow, ingest_flow
 from flows.reports import report_key
+from flows.runners import check_runner
 from flows.shard import announce_new_version, shard_flow
 from flows.train import train_flow
 from preprocessing.demo_data import build_demo_lmdb
@@ -38,16 +39,20 @@ def check_pipeline(cfg: PipelineConfig, refresh: list[str]) -> None:
     unknown = sorted(set(refresh) - set(STAGES))
     if unknown:
         raise SettingsError(f"unknown stages in refresh: {unknown}; choose from {STAGES}")
+    inputs: list[str] = []  # what the runner's workers must see (a Dask cluster: at the same paths)
     for src in cfg.sources:
         if isinstance(src, LsunSource):
             check_lsun([src.db], None)
+            inputs.append(src.db)
         elif isinstance(src, FacesSource | ImagesSource):
-            open_source(src.photos if isinstance(src, FacesSource) else src.images)
+            inputs.append(src.photos if isinstance(src, FacesSource) else src.images)
+            open_source(inputs[-1])
         if isinstance(src, FacesSource):
             face_plan(stage_settings(FacesSettings, src))  # the detector (and its model file) loads
     for section in (cfg.dedup, cfg.train, cfg.evaluate):
         if section.enabled:
             resolve_device(section.device)
+    check_runner(cfg.runner, inputs, cfg.work)
 
 
 @task
@@ -56,20 +61,23 @@ def build_demo_source(work: str, records: int, seed: int) -> str:
 
 
 def _lsun(cfg: PipelineConfig, src: LsunSource, refresh: bool) -> list[dict]:
-    return lsun_extract_flow([src.db], cfg.work, cfg.extract, names=[src.name] if src.name else None, refresh=refresh)
+    names = [src.name] if src.name else None
+    return lsun_extract_flow([src.db], cfg.work, cfg.extract, names=names, refresh=refresh, runner=cfg.runner)
 
 
 def _demo(cfg: PipelineConfig, src: DemoSource, refresh: bool) -> list[dict]:
     db = build_demo_source(cfg.work, src.records, src.seed)
-    return lsun_extract_flow([db], cfg.work, cfg.extract, names=["demo"], refresh=refresh)
+    return lsun_extract_flow([db], cfg.work, cfg.extract, names=["demo"], refresh=refresh, runner=cfg.runner)
 
 
 def _faces(cfg: PipelineConfig, src: FacesSource, refresh: bool) -> list[dict]:
-    return [faces_flow(src.photos, cfg.work, stage_settings(FacesSettings, src), name=src.name, refresh=refresh)]
+    settings = stage_settings(FacesSettings, src)
+    return [faces_flow(src.photos, cfg.work, settings, name=src.name, refresh=refresh, runner=cfg.runner)]
 
 
 def _images(cfg: PipelineConfig, src: ImagesSource, refresh: bool) -> list[dict]:
-    return [ingest_flow(src.images, cfg.work, stage_settings(IngestSettings, src), name=src.name, refresh=refresh)]
+    settings = stage_settings(IngestSettings, src)
+    return [ingest_flow(src.images, cfg.work, settings, name=src.name, refresh=refresh, runner=cfg.runner)]
 
 
 # Source type -> the stage that extracts it (a new kind of source is one entry here and one model in config.py).

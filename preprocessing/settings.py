@@ -127,6 +127,47 @@ class IngestSettings(Settings):
     max_pixels: MaxPixels = Field(DEFAULT_MAX_PIXELS, description="reject larger images (decompression-bomb guard)")
 
 
+_SCHEDULER = re.compile(r"^(tcp|tls|ucx|inproc)://\S+$")
+
+
+class RunnerSettings(Settings):
+    """Where the parts of a mapped stage run: local processes, or a Dask cluster (through prefect-dask).
+
+    `process` is one process per core on this machine. `dask` with `address` uses an existing
+    cluster (its workers must see the inputs and the work directory at the same paths: shared
+    storage); `dask` with `workers` starts a temporary local cluster of that many processes.
+    A plain string `process` is accepted for the default.
+    """
+
+    type: Literal["process", "dask"] = Field("process", description="process (this machine) or dask")
+    address: str | None = Field(
+        None,
+        description="scheduler of an existing Dask cluster, e.g. tcp://HOST:8786",
+        examples=["tcp://127.0.0.1:8786"],
+    )
+    workers: int | None = Field(None, ge=1, description="processes of a temporary local Dask cluster", examples=[2])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _one_place(self) -> RunnerSettings:
+        if self.type == "process" and (self.address or self.workers):
+            raise ValueError("runner process takes neither address nor workers (use type: dask)")
+        if self.type == "dask" and (self.address is None) == (self.workers is None):
+            raise ValueError("runner dask needs exactly one of address (an existing cluster) or workers (a local one)")
+        if self.address is not None and not _SCHEDULER.match(self.address):
+            raise ValueError(f"address must look like tcp://HOST:PORT, got {self.address!r}")
+        return self
+
+    def describe(self) -> str:
+        if self.type == "process":
+            return "local process pool"
+        return f"Dask cluster at {self.address}" if self.address else f"temporary local Dask cluster of {self.workers}"
+
+
 class ShardSettings(Settings):
     """The final shuffled WebDataset shards."""
 
@@ -134,4 +175,3 @@ class ShardSettings(Settings):
     maxsize: int = Field(1 << 30, ge=1024, description="bytes per shard")
     seed: int = Field(0, description="shuffle seed")
     dedup: bool = Field(True, description="leave out items dedup did not keep (if WORK/dedup/codes.parquet exists)")
-
