@@ -123,7 +123,7 @@ def main() -> None:
             cache = CachedImages(urls, total, seed=0, device=device)
             feeds.append(("ours", ours_opts, lambda step, c=cache, b=batch: c.batch(step, b)))
             if args.stream_workers:
-                stream = stream_batches(urls, batch, seed=0, workers=args.stream_workers)
+                stream = stream_batches(urls, total, batch, seed=0, workers=args.stream_workers)
                 feeds.append(("ours", ours_opts, lambda step, s=stream: next(s).to(device, non_blocking=True)))
         data_names = ["synthetic", "synthetic", "shards (cache)", f"shards (stream, {args.stream_workers} workers)"]
         trainers = [Trainer(config(args, batch, args.shards or ""), options=opts) for _, opts, _ in feeds]

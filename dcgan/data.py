@@ -6,8 +6,9 @@ Two paths, chosen by a memory budget:
   from per-epoch permutations that are a pure function of (seed, step). Resuming at step t
   therefore replays exactly the same batches as an uninterrupted run.
 - `stream_batches`: a stock WebDataset pipeline with DataLoader workers for sets above the
-  budget; shards are resampled at random, so a resumed run does not replay the exact
-  sample order (the weights, optimizers and noise still resume exactly).
+  budget; shards are resampled at random, with a fixed number of batches per epoch on every
+  rank, so a resumed run does not replay the exact sample order (the weights, optimizers and
+  noise still resume exactly).
 """
 
 from __future__ import annotations
@@ -122,28 +123,58 @@ def _to_chw(sample: dict) -> torch.Tensor:
     return torch.from_numpy(decode_ppm(sample[SAMPLE_EXT]).copy()).permute(2, 0, 1)  # a writable copy
 
 
-def stream_batches(
-    urls: list[str], batch_size: int, seed: int, workers: int, rank: int = 0
-) -> Iterator[torch.Tensor]:
-    """Endless uint8 batches from the shards through WebDataset + DataLoader workers.
+def epoch_batches(total: int, batch_size: int, world: int, workers: int) -> int:
+    """Batches every rank yields per epoch when streaming: about total / (batch x world), a multiple of the workers."""
+    readers = max(workers, 1)
+    per_worker = max(1, -(-total // (batch_size * world * readers)))
+    return per_worker * readers
 
-    Shards are resampled per rank and DataLoader worker (WebDataset mixes rank, worker id
-    and time into the shard seed), so processes and workers read different shard sequences;
-    pinned host memory lets the trainer's copy to the GPU run without blocking.
+
+def stream_batches(
+    urls: list[str], total: int, batch_size: int, seed: int, workers: int, rank: int = 0, world: int = 1
+) -> Iterator[torch.Tensor]:
+    """Endless uint8 batches from the shards through WebDataset + DataLoader workers, epoch after epoch.
+
+    Each rank and DataLoader worker draws shards at random with replacement (resampling; WebDataset
+    mixes rank, worker id and time into the shard seed), and an epoch is `epoch_batches` batches on
+    every rank (`with_epoch`): the ranks of a data-parallel run always take the same number of
+    steps, so none waits for another at the gradient all-reduce, whatever the shard sizes. The
+    price of resampling: an epoch sees about 1 - 1/e of the samples, not each once. Fewer shards
+    than ranks x workers would make readers repeat each other's shard sequences: refused.
+    Pinned host memory lets the trainer's copy to the GPU run without blocking.
     """
+    readers = world * max(workers, 1)
+    if len(urls) < readers:
+        raise DataError(
+            f"{len(urls)} shards for {world} ranks x {max(workers, 1)} loader workers: streaming needs at least "
+            f"{readers}; write more shards (dcgan-pipeline shard --min-shards {readers}) or lower --workers"
+        )
+    return _epochs(stream_loader(urls, total, batch_size, seed, workers, rank, world))
+
+
+def stream_loader(
+    urls: list[str], total: int, batch_size: int, seed: int, workers: int, rank: int = 0, world: int = 1
+) -> torch.utils.data.DataLoader:
+    """One epoch per iteration: `epoch_batches(total, batch_size, world, workers)` batches of resampled shards."""
+    per_worker = epoch_batches(total, batch_size, world, workers) // max(workers, 1)
     dataset = (
         wds.WebDataset(
             urls, resampled=True, shardshuffle=False, seed=seed + 7919 * rank, nodesplitter=wds.split_by_node
         )
-        .shuffle(2000, seed=seed)
+        .shuffle(2000, seed=seed + 7919 * rank)  # per rank: ranks must not pick the same buffer positions
         .map(_to_chw)
         .batched(batch_size, collation_fn=torch.stack, partial=False)
+        .with_epoch(per_worker)
     )
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
     )
-    return iter(loader)
+
+
+def _epochs(loader: torch.utils.data.DataLoader) -> Iterator[torch.Tensor]:
+    while True:
+        yield from loader

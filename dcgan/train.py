@@ -285,7 +285,7 @@ def _open_data(trainer: Trainer) -> tuple[Callable[[int], torch.Tensor], int]:
         rank, size = world.rank, world.size
         return lambda step: cache.batch(step, cfg.batch_size, rank, size).to(device, non_blocking=True), total
     log.info("dataset needs %.1f GB > cache budget; streaming from %d shards", need / 1e9, len(urls))
-    stream = stream_batches(urls, cfg.batch_size, cfg.seed + trainer.step, cfg.workers, world.rank)
+    stream = stream_batches(urls, total, cfg.batch_size, cfg.seed + trainer.step, cfg.workers, world.rank, world.size)
     return lambda step: next(stream).to(device, non_blocking=True), total
 
 

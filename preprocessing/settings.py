@@ -172,6 +172,9 @@ class ShardSettings(Settings):
     """The final shuffled WebDataset shards."""
 
     maxcount: int = Field(10_000, ge=1, description="samples per shard")
+    min_shards: int = Field(
+        1, ge=1, description="write at least this many shards (>= ranks x loader workers when streaming under DDP)"
+    )
     maxsize: int = Field(1 << 30, ge=1024, description="bytes per shard")
     seed: int = Field(0, description="shuffle seed")
     dedup: bool = Field(True, description="leave out items dedup did not keep (if WORK/dedup/codes.parquet exists)")

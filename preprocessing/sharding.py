@@ -111,7 +111,8 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
     if not sources:
         raise ShardError(f"no extracted data under {work / 'extract'}: run an extraction stage first")
     t0 = time.perf_counter()
-    digest = hashlib.sha256(f"{maxcount}:{maxsize}:{seed}".encode())
+    at_least = f":{settings.min_shards}" if settings.min_shards > 1 else ""  # old sets keep their fingerprint
+    digest = hashlib.sha256(f"{maxcount}:{maxsize}:{seed}{at_least}".encode())
     wanted: list[Wanted] = []
     sizes: dict[str, int] = {}
     for src in sources:
@@ -162,13 +163,16 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
 def _previous_samples(final: Path, current: dict | None, settings: ShardSettings, resolution: int) -> pa.Table | None:
     """samples.parquet of the current shards when new samples can be appended to them, else None."""
     same = {"seed": settings.seed, "maxcount": settings.maxcount, "maxsize": settings.maxsize, "resolution": resolution}
-    if current is None or any(current.get(k) != v for k, v in same.items()) or not (final / SAMPLES).exists():
+    same["min_shards"] = settings.min_shards
+    if current is None or any(current.get(k, 1) != v for k, v in same.items()) or not (final / SAMPLES).exists():
         return None
     return pq.read_table(final / SAMPLES)
 
 
-def _write_shards(folder: Path, items: list[Item], start: int, settings: ShardSettings, seed: int) -> list[dict]:
-    """Shuffle `items` with `seed` into `train-<start + i>.tar` files in `folder`; each file appears complete."""
+def _write_shards(
+    folder: Path, items: list[Item], start: int, settings: ShardSettings, seed: int, per_shard: int
+) -> list[dict]:
+    """Shuffle `items` with `seed` into `train-<start + i>.tar` files of <= `per_shard` samples; each appears whole."""
     order = np.random.default_rng(seed).permutation(len(items))
     shardlist: list[dict] = []
     handles: dict[str, BinaryIO] = {}
@@ -177,7 +181,7 @@ def _write_shards(folder: Path, items: list[Item], start: int, settings: ShardSe
     try:
         for pos in order:
             key, tar, image, meta = items[pos]
-            if writer is None or writer.count >= settings.maxcount or written >= settings.maxsize:
+            if writer is None or writer.count >= per_shard or written >= settings.maxsize:
                 if writer is not None:
                     writer.close()
                     shardlist.append({"url": writer.path.name, "nsamples": writer.count, "keys": sorted(writer.keys)})
@@ -260,7 +264,8 @@ def _append_version(
     """New samples into new shard files beside the old ones; index.json, written last, commits them."""
     version = current["version"] + 1
     start = len(current["shardlist"])
-    shardlist = _write_shards(final, new, start, settings, seed=settings.seed + version)
+    per_shard = current.get("samples_per_shard", settings.maxcount)  # as the full build chose: the count only grows
+    shardlist = _write_shards(final, new, start, settings, seed=settings.seed + version, per_shard=per_shard)
     keys = [k for e in shardlist for k in e["keys"]]
     sources = dict(current["sources"])
     for source, n in _counts(keys).items():
@@ -293,7 +298,8 @@ def _write_version(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        shardlist = _write_shards(tmp, items, 0, settings, seed=settings.seed)
+        per_shard = min(settings.maxcount, -(-len(items) // settings.min_shards))  # at least min_shards files
+        shardlist = _write_shards(tmp, items, 0, settings, seed=settings.seed, per_shard=per_shard)
         index = {
             "__kind__": INDEX_KIND,
             "wids_version": 1,
@@ -305,6 +311,8 @@ def _write_version(
             "seed": settings.seed,
             "maxcount": settings.maxcount,
             "maxsize": settings.maxsize,
+            "min_shards": settings.min_shards,
+            "samples_per_shard": per_shard,
             "fingerprint": fingerprint,
             "version": version,
         }

@@ -154,8 +154,8 @@ def test_cached_batches_cover_each_epoch_once(shards_dir: Path) -> None:
 
 
 def test_streaming_path_yields_batches(shards_dir: Path, tmp_path: Path) -> None:
-    urls, _ = shard_urls(shards_dir, 32)
-    batches = stream_batches(urls, batch_size=8, seed=0, workers=0)
+    urls, total = shard_urls(shards_dir, 32)
+    batches = stream_batches(urls, total, batch_size=8, seed=0, workers=0)
     first = next(batches)
     assert first.shape == (8, 3, 32, 32) and first.dtype == torch.uint8
     result = train(tiny_config(shards_dir, tmp_path / "s", steps=2, cache_gb=0, workers=0))
