@@ -17,7 +17,7 @@ cost is bounded by (items x chunks x cap) whatever the data, and memory by one b
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,12 +27,10 @@ WINDOWED = 255  # depth of an item whose oversize bucket of identical codes pair
 
 @dataclass
 class CandidateStats:
-    chunks: int = 0
     candidate_pairs: int = 0  # pairs within the radius handed to verification
     buckets_split: int = 0  # buckets above the cap, split by more bits
     buckets_windowed: int = 0  # buckets of identical codes still above the cap: neighbours only
     largest_bucket: int = 0
-    pairs_per_chunk: list[int] = field(default_factory=list)
 
 
 def code_words(codes: np.ndarray) -> np.ndarray:
@@ -174,19 +172,16 @@ def candidate_pairs(
     tiebreak = np.arange(n, dtype=np.float64) if tiebreak is None else np.asarray(tiebreak)
     members = np.arange(n, dtype=np.int64)
     if radius == 0:  # the paper's rule: identical codes, one bucket per code
-        stats.chunks = 1
         found = 0
         for a, b in _exact_pairs(words, members, cap, tiebreak, stats):
             lo, hi = np.minimum(a, b), np.maximum(a, b)
             found += len(lo)
             yield lo, hi
-        stats.pairs_per_chunk.append(found)
         stats.candidate_pairs += found
         return
     bounds = chunk_bounds(radius)
-    stats.chunks = len(bounds) - 1
     masks = [_chunk_mask(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
-    n_chunks = stats.chunks
+    n_chunks = len(bounds) - 1
     depth = np.zeros((n_chunks, n), np.uint8)
     for chunk in range(n_chunks):
         found = 0
@@ -208,7 +203,6 @@ def candidate_pairs(
             if keep.any():
                 found += int(keep.sum())
                 yield lo[keep], hi[keep]
-        stats.pairs_per_chunk.append(found)
         stats.candidate_pairs += found
 
 

@@ -114,6 +114,7 @@ def lsun_extract_flow(
     check_lsun(db, names)
     check_runner(runner, db, work)
     parts_flow = extract_lsun_parts.with_options(task_runner=task_runner(runner))
+    get_run_logger().info("parts run on the %s", runner.describe())
     results = []
     for i, path in enumerate(db):
         out_dir, plan = plan_lsun(path, work, settings, names[i] if names else None, refresh)

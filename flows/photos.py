@@ -114,6 +114,7 @@ def _run_stage(
     t0 = time.perf_counter()
     with api_shared_with_subprocesses():
         parts_flow = photo_parts.with_options(task_runner=task_runner(runner))
+        get_run_logger().info("parts run on the %s", runner.describe())
         summaries = parts_flow(out_dir, plan["todo"], refresh) if plan["todo"] else []
     return merge_photos(out_dir, plan, summaries, time.perf_counter() - t0, title)
 
