@@ -61,7 +61,7 @@ def check_runner(runner: RunnerSettings, inputs: Sequence[str | Path], work: str
 
     try:
         client = Client(runner.address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, ValueError) as exc:
         raise RunnerError(f"cannot reach the Dask scheduler at {runner.address}: {exc}") from None
     try:
         workers = client.scheduler_info()["workers"]

@@ -127,7 +127,7 @@ class IngestSettings(Settings):
     max_pixels: MaxPixels = Field(DEFAULT_MAX_PIXELS, description="reject larger images (decompression-bomb guard)")
 
 
-_SCHEDULER = re.compile(r"^(tcp|tls|ucx|inproc)://\S+$")
+_SCHEDULER = re.compile(r"^(tcp|tls)://(\[[0-9A-Fa-f:]+\]|[^\s:/\[\]]+):\d{1,5}$")
 
 
 class RunnerSettings(Settings):

@@ -24,12 +24,14 @@ def test_runner_settings_accept_the_three_places_and_refuse_the_rest() -> None:
     assert RunnerSettings.model_validate("process") == RunnerSettings()
     assert RunnerSettings(type="dask", workers=2).describe() == "temporary local Dask cluster of 2"
     assert RunnerSettings(type="dask", address="tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert RunnerSettings(type="dask", address="tls://[::1]:8786").address == "tls://[::1]:8786"
     bad = {
         "type: Input should be 'process' or 'dask'": {"type": "ray"},
         "exactly one of address": {"type": "dask"},
         "exactly one of address (an existing": {"type": "dask", "address": "tcp://h:1", "workers": 2},
         "takes neither": {"type": "process", "workers": 2},
         "must look like tcp://HOST:PORT": {"type": "dask", "address": "localhost:8786"},
+        "must look like tcp://HOST:PORT, got 'tcp://bad'": {"type": "dask", "address": "tcp://bad"},
     }
     for message, values in bad.items():
         with pytest.raises(SettingsError, match=message.replace("(", r"\(")):
