@@ -69,10 +69,10 @@ def _config(tmp_path: Path, db: Path, name: str, runner: dict | str) -> Path:
     cfg = {
         "work": str(tmp_path / name),
         "sources": [{"type": "lsun", "db": str(db)}],
-        "extract": {"size": 32, "part_size": 20},
+        "extract": {"size": 32, "part_size": 500},
         "runner": runner,
         "dedup": {"max_epochs": 2},
-        "shard": {"maxcount": 40},
+        "shard": {"maxcount": 1000},
         "train": {"enabled": False},
         "evaluate": {"enabled": False},
     }
@@ -82,24 +82,23 @@ def _config(tmp_path: Path, db: Path, name: str, runner: dict | str) -> Path:
 
 
 @pytest.mark.slow
-def test_a_two_worker_local_cluster_gives_the_process_pool_s_outputs(
-    prefect_api: None, tmp_path: Path, photo_values: list[bytes], bad_values: dict[str, bytes]
-) -> None:
-    db = tmp_path / "church_outdoor_train_lmdb"
-    write_lsun_lmdb(db, photo_values + list(bad_values.values()) + photo_values[:6])  # 6 exact copies to remove
+def test_a_two_worker_local_cluster_gives_the_process_pool_s_outputs(prefect_api: None, tmp_path: Path) -> None:
+    from preprocessing.demo_data import build_demo_lmdb
+
+    db = build_demo_lmdb(tmp_path / "demo_train_lmdb", 3000)  # the demo's data: 3,000 records + 3 broken ones
     for name, runner in (("pool", "process"), ("dask", {"type": "dask", "workers": 2})):
         result = cli.invoke(app, ["run", "--config", str(_config(tmp_path, db, name, runner))])
         assert result.exit_code == 0, result.output
     pool, dask = tmp_path / "pool", tmp_path / "dask"
     files = sorted(p.relative_to(pool) for p in pool.rglob("*") if p.suffix in (".tar", ".parquet", ".npy"))
     tars = [f for f in files if f.suffix == ".tar"]
-    assert len([f for f in tars if f.parts[0] == "extract"]) == 4 and any(f.parts[0] == "shards" for f in tars)
+    assert len([f for f in tars if f.parts[0] == "extract"]) == 7 and any(f.parts[0] == "shards" for f in tars)
     for rel in tars + [f for f in files if f.suffix == ".npy"]:
         assert (pool / rel).read_bytes() == (dask / rel).read_bytes(), rel  # staging tars, crops, final shards
     for rel in [f for f in files if f.suffix == ".parquet"]:  # same rows (metadata holds file stamps)
         assert pq.read_table(pool / rel).equals(pq.read_table(dask / rel)), rel
     codes = pq.read_table(dask / "dedup" / "codes.parquet")
-    assert codes.num_rows == 66 and codes.num_rows - sum(codes["keep"].to_pylist()) >= 6
+    assert codes.num_rows == 3000 and 0 < codes.num_rows - sum(codes["keep"].to_pylist()) < 3000
 
 
 @pytest.mark.slow
