@@ -41,7 +41,8 @@ def main() -> None:
     extract_lsun(
         scratch / "celeba_train_lmdb", scratch / "work", LsunSettings(size=args.size, part_size=1000), workers=2
     )
-    build_shards(scratch / "work", ShardSettings(maxcount=1000))
+    # at least 8 shards: the GPU check streams them through 8 loader workers (one shard per reader at least)
+    build_shards(scratch / "work", ShardSettings(maxcount=1000, min_shards=8))
     shutil.rmtree(args.out / "shards", ignore_errors=True)
     shutil.move(str(scratch / "work" / "shards"), args.out / "shards")
     shutil.rmtree(scratch)
