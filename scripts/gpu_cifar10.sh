@@ -7,12 +7,12 @@
 # validation split, test on the 10,000 test images. Under $OUT (at most 8 files come back):
 # table.md (accuracies, C, epochs, wall times), results.json, run.log, nvidia-smi.txt.
 #
-#   here, once:   bash scripts/gpu_cifar10.sh prepare   # CIFAR-10 tables + wheels into gpu_check/cifar10 (ignored, ~20 MB)
-#   device tool:  run(command="bash scripts/gpu_cifar10.sh run", carry=["gpu_check/cifar10"], timeout_s=600)
+#   here, once:   bash scripts/gpu_cifar10.sh prepare   # CIFAR-10 tables + wheels into gpu_cifar10 (ignored, ~20 MB)
+#   device tool:  run(command="bash scripts/gpu_cifar10.sh run", carry=["gpu_cifar10"], timeout_s=600)
 #   CPU smoke:    GPU_CIFAR10_DEVICE=cpu bash scripts/gpu_cifar10.sh run   (tiny sizes: checks the script, not speed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=gpu_check/cifar10
+DATA=gpu_cifar10
 SHARED=${DCGAN_SHARED:-../shared}
 
 case "${1:-}" in
