@@ -14,8 +14,12 @@ DATA=gpu_check
 case "${1:-}" in
 prepare)
     mkdir -p "$DATA/wheels"
-    # the device image has torch, opencv, pyarrow, tensorboard, tqdm; webdataset travels as wheels
-    python3 -m pip download -q --no-deps --only-binary=:all: -d "$DATA/wheels" "webdataset>=1.0,<2" braceexpand
+    # the device image (Python 3.12, torch 2.11) has torch, opencv, pyarrow, tensorboard, tqdm; webdataset and
+    # pydantic (the settings models) travel as wheels, at the versions tested here
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DATA/wheels" \
+        "webdataset==1.0.2" "braceexpand==0.1.7" "pydantic==2.13.4" "pydantic-core==2.46.4" \
+        "annotated-types==0.7.0" "typing-inspection==0.4.2"
     python3 bench/check_shards.py --out "$DATA" --count "${GPU_CHECK_IMAGES:-4000}"
     du -sh "$DATA"
     ;;
@@ -23,14 +27,15 @@ run)
     OUT=${OUT:-$DATA/out}
     mkdir -p "$OUT"
     export PYTHONUNBUFFERED=1
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site "$DATA"/wheels/*.whl
-    export PYTHONPATH="/tmp/site:$PWD"
     DEVICE=${GPU_CHECK_DEVICE:-cuda}
-    if [ "$DEVICE" = cuda ]; then
+    if [ "$DEVICE" = cuda ]; then  # the wheels are for the device's Python 3.12; a CPU smoke run uses this machine's
+        python3 -m pip install -q --no-index --no-deps --target /tmp/site "$DATA"/wheels/*.whl
+        export PYTHONPATH="/tmp/site:$PWD"
         nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
         BENCH=(--batches 128,1024 --steps 200 --warmup 20 --stream-workers 8)
         RUN='"steps": 3000, "batch_size": 128, "log_every": 100, "sample_every": 1000, "checkpoint_every": 1000'
     else
+        export PYTHONPATH="$PWD"
         BENCH=(--batches 8 --steps 2 --warmup 1 --repeats 1 --width 8 --stream-workers 1)
         RUN='"steps": 4, "batch_size": 16, "ngf": 8, "ndf": 8, "log_every": 2, "sample_every": 2, "checkpoint_every": 2'
     fi
@@ -43,6 +48,11 @@ run)
         rm -f "$OUT/celeba-$loop"/checkpoints/*.pt  # 76 MB each at 64 px; best.json and samples stay
     done
     python3 bench/compare_runs.py "$OUT/celeba-textbook" "$OUT/celeba-fast" | tee "$OUT/compare.txt"
+    # at most 8 files come back from the device: the runs (samples, metrics, logs) travel as one archive
+    tar -czf "$OUT/runs.tar.gz" -C "$OUT" celeba-textbook celeba-fast celeba-textbook.json celeba-fast.json \
+        celeba-textbook.log celeba-fast.log
+    rm -rf "$OUT"/celeba-textbook* "$OUT"/celeba-fast*
+    ls "$OUT"
     ;;
 *)
     echo "usage: bash scripts/gpu_check.sh prepare|run" >&2
