@@ -19,7 +19,7 @@ prepare)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DATA/wheels" \
         "webdataset==1.0.2" "braceexpand==0.1.7" "pydantic==2.13.4" "pydantic-core==2.46.4" \
-        "annotated-types==0.7.0" "typing-inspection==0.4.2"
+        "annotated-types==0.7.0" "typing-inspection==0.4.2" "pyyaml==6.0.4"  # pyyaml: webdataset imports it
     python3 bench/check_shards.py --out "$DATA" --count "${GPU_CHECK_IMAGES:-4000}"
     du -sh "$DATA"
     ;;
