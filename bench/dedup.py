@@ -68,8 +68,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 # Run as `python bench/dedup.py`, this file's folder comes first on sys.path and `dedup` would
 # import this script instead of the package: drop the folder before importing the package.
@@ -79,7 +77,7 @@ sys.modules.pop("dedup", None)
 
 from dedup.autoencoder import AEConfig, encode_bits, train_autoencoder  # noqa: E402
 from dedup.contrast import CONTRAST_FLOOR, ThumbStats, thumbnails  # noqa: E402
-from dedup.grouping import Grouping, first_of_equal, group_near_duplicates  # noqa: E402
+from dedup.grouping import Grouping, components, first_of_equal, group_near_duplicates  # noqa: E402
 from dedup.settings import DedupSettings  # noqa: E402
 from dedup.stage import to_crop32  # noqa: E402
 from dedup.verify import VerifyRule, verify_pairs  # noqa: E402
@@ -297,15 +295,6 @@ def close_pairs(words: np.ndarray, max_dist: int, block: int = 512) -> tuple[np.
         jj.append(b[keep])
         dd.append(d[a[keep], b[keep]])
     return np.concatenate(ii), np.concatenate(jj), np.concatenate(dd)
-
-
-def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Transitive groups of the pairs (i, j): label = smallest member index."""
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1, n, np.int64)
-    np.minimum.at(first, labels, np.arange(n))
-    return first[labels]
 
 
 def as_words(packed: np.ndarray) -> np.ndarray:

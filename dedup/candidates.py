@@ -171,19 +171,12 @@ def candidate_pairs(
     words = code_words(codes)
     tiebreak = np.arange(n, dtype=np.float64) if tiebreak is None else np.asarray(tiebreak)
     members = np.arange(n, dtype=np.int64)
-    if radius == 0:  # the paper's rule: identical codes, one bucket per code
-        found = 0
-        for a, b in _exact_pairs(words, members, cap, tiebreak, stats):
-            lo, hi = np.minimum(a, b), np.maximum(a, b)
-            found += len(lo)
-            yield lo, hi
-        stats.candidate_pairs += found
-        return
-    bounds = chunk_bounds(radius)
+    # radius 0 (the paper's identical codes): the code keyed word by word, and one chunk is enough
+    bounds = chunk_bounds(radius) if radius else np.array([0, 64, BITS])
     masks = [_chunk_mask(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
     n_chunks = len(bounds) - 1
     depth = np.zeros((n_chunks, n), np.uint8)
-    for chunk in range(n_chunks):
+    for chunk in range(n_chunks if radius else 1):
         found = 0
         for a, b in _chunk_pairs(words, members, bounds, chunk, cap, tiebreak, stats, depth[chunk]):
             lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -210,22 +203,3 @@ def _chunk_mask(start: int, stop: int) -> tuple[np.uint64, np.uint64]:
     """Masks of bits [start, stop) over the (hi, lo) words."""
     value = ((1 << (stop - start)) - 1) << (BITS - stop)
     return np.uint64(value >> 64), np.uint64(value & (2**64 - 1))
-
-
-def _exact_pairs(
-    words: np.ndarray, members: np.ndarray, cap: int, tiebreak: np.ndarray, stats: CandidateStats
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    order, start, end = _runs([words[:, 1], words[:, 0]])
-    size = end - start
-    stats.largest_bucket = int(size.max()) if len(size) else 0
-    big = size > cap
-    stats.buckets_windowed += len(np.unique(start[big]))
-    stats.buckets_split += len(np.unique(start[big]))
-    shift = np.cumsum(big)
-    s_pos = np.flatnonzero(~big)
-    yield from _neighbour_pairs(order[~big], end[~big] - shift[s_pos], None)
-    if big.any():
-        b_order = order[big]
-        order2, _, end2 = _runs([tiebreak[b_order], start[big]], order_only=1)
-        for a, b in _neighbour_pairs(order2, end2, cap - 1):
-            yield b_order[a], b_order[b]

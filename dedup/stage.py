@@ -190,11 +190,12 @@ def _record(table: pa.Table, inputs: str, **extra: str) -> pa.Table:
     return table.replace_schema_metadata({"inputs": inputs, **extra})
 
 
-def _recorded(path: Path) -> str | None:
+def _recorded(path: Path, key: str = "inputs") -> str | None:
+    """A value this stage recorded in a Parquet file's metadata (None when the file or the key is missing)."""
     if not path.exists():
         return None
     meta = pq.read_schema(path).metadata or {}
-    return meta.get(b"inputs", b"").decode() or None
+    return meta.get(key.encode(), b"").decode() or None
 
 
 def load_crops(work: Path) -> np.ndarray:
@@ -254,7 +255,8 @@ def encode_items(work: Path, checkpoint: Path | None = None) -> float:
     model, _ = load_autoencoder(checkpoint)
     out = dedup_dir(work) / "hashes.parquet"
     inputs = stamp([checkpoint, dedup_dir(work) / "crops32.npy"])
-    if _recorded(out) == inputs and _format(out) == HASHES_FORMAT and (dedup_dir(work) / "thumbs16.npy").exists():
+    fresh = _recorded(out) == inputs and _recorded(out, "format") == HASHES_FORMAT
+    if fresh and (dedup_dir(work) / "thumbs16.npy").exists():
         log.info("dedup: codes are up to date")
         return float(pq.read_schema(out).metadata[b"items_per_s"])
     crops = load_crops(work)
@@ -285,14 +287,9 @@ def encode_items(work: Path, checkpoint: Path | None = None) -> float:
     return rate
 
 
-def _format(path: Path) -> str | None:
-    meta = pq.read_schema(path).metadata or {} if path.exists() else {}
-    return meta.get(b"format", b"").decode() or None
-
-
 def _reusable_prefix(hashes: Path, model: str, items: pa.Table, content: list[bytes]) -> list[bytes]:
     """The codes of the leading rows of `hashes` that are the same items with the same crops, by the same model."""
-    if not hashes.exists() or (pq.read_schema(hashes).metadata or {}).get(b"model", b"").decode() != model:
+    if _recorded(hashes, "model") != model:
         return []
     old = pq.read_table(hashes, columns=["key", "source", "content", "code"])
     n = min(old.num_rows, items.num_rows)
@@ -320,7 +317,7 @@ def group_items(work: Path, settings: DedupSettings, *, full: bool = False) -> d
     everything; so does a codes.parquet written by an older version (logged, and said in the report).
     """
     hashes = pq.read_table(dedup_dir(work) / "hashes.parquet")
-    if _format(dedup_dir(work) / "hashes.parquet") != HASHES_FORMAT:
+    if _recorded(dedup_dir(work) / "hashes.parquet", "format") != HASHES_FORMAT:
         raise DedupError(f"{dedup_dir(work) / 'hashes.parquet'} was written by an older version: rerun the dedup stage")
     n = hashes.num_rows
     codes = (
@@ -399,7 +396,7 @@ def _grouped_prefix(work: Path, hashes: pa.Table, settings: DedupSettings) -> tu
     path = dedup_dir(work) / "codes.parquet"
     if not path.exists():
         return None, False
-    if _format(path) != CODES_FORMAT:
+    if _recorded(path, "format") != CODES_FORMAT:
         log.warning("dedup: %s was written by an older version: regrouping every item", path)
         return None, True
     prev = pq.read_table(path)

@@ -109,7 +109,8 @@ def _run_stage(
     runner: RunnerSettings,
 ) -> dict:
     open_source(photos)  # a clear error for a missing or unreadable collection, before any work
-    check_runner(runner, [photos, *([settings.model] if getattr(settings, "model", None) else [])], work)
+    model = [settings.model] if isinstance(settings, FacesSettings) and settings.model else []  # the YuNet file
+    check_runner(runner, [photos, *model], work)
     out_dir, plan = plan_photos(photos, work, name, settings, refresh)
     t0 = time.perf_counter()
     with api_shared_with_subprocesses():

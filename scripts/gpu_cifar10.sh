@@ -19,11 +19,9 @@ case "${1:-}" in
 prepare)
     mkdir -p "$DATA/wheels" "$DATA/tables"
     cp "$SHARED/data/cifar10/train.parquet" "$SHARED/data/cifar10/test.parquet" "$DATA/tables/"
-    # The device image (Python 3.12, torch 2.11) lacks these; the versions are the ones tested here.
+    # what the device image lacks travels as wheels
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DATA/wheels" \
-        "webdataset==1.0.2" "braceexpand==0.1.7" "pydantic==2.13.4" "pydantic-core==2.46.4" \
-        "annotated-types==0.7.0" "typing-inspection==0.4.2" "pyyaml==6.0.4"  # pyyaml: webdataset imports it
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$DATA/wheels" -r scripts/device-wheels.txt
     du -sh "$DATA"
     ;;
 run)

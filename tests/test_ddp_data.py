@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,6 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="gloo over tcp on localhost")
 def test_two_gloo_ranks_take_equal_epochs_and_see_what_resampling_predicts(shards_dir: Path, tmp_path: Path) -> None:
     urls, total = shard_urls(shards_dir, 32)
     mp.spawn(_rank, args=(2, _port(), urls, total, str(tmp_path)), nprocs=2, join=True)
