@@ -201,7 +201,8 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); {args.photos} distinct CelebA photos "
         f"(178x218 JPEG; built in {time.perf_counter() - t0:.0f} s) +{args.grow:.0%}, ingest 32 px, "
-        f"part_size {args.part_size}, {args.workers} workers, dedup radius {DedupSettings().radius} verified at {DedupSettings().min_similarity}; load average {os.getloadavg()[0]:.1f}",
+        f"part_size {args.part_size}, {args.workers} workers, dedup radius {DedupSettings().radius} verified at "
+        f"{DedupSettings().min_similarity}; load average {os.getloadavg()[0]:.1f}",
         flush=True,
     )
     root = Path(tempfile.mkdtemp(prefix="bench-incremental-pipeline-"))
