@@ -130,6 +130,11 @@ class EvaluateSettings(Settings):
     svm_grid_extensions: int = Field(
         3, ge=0, le=10, description="extra C values per end of the grid while the best C sits at that end"
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="CIFAR-10/SVHN: D features and the SVM's Hessian products in bfloat16 where it is faster "
+        "(auto: a GPU, or a CPU with bfloat16 products), always, or never; the SVM's gradient stays float32",
+    )
 
     @field_validator("svm_c_grid")
     @classmethod

@@ -71,6 +71,7 @@ def cifar10_task(run: str, checkpoint: str | None, settings: EvaluateSettings, d
         device=device,
         c_grid=settings.c_grid(),
         grid_extensions=settings.svm_grid_extensions,
+        precision=settings.precision,
     )
     return {
         "step": step,
@@ -164,13 +165,14 @@ def svhn_task(run: str, checkpoint: str | None, settings: EvaluateSettings, devi
     train = load_svhn_mat(Path(settings.svhn) / "train_32x32.mat")
     test = load_svhn_mat(Path(settings.svhn) / "test_32x32.mat")
     return svhn_protocol(
-        lambda x: extract_features(D, x, device=device),
+        lambda x, label: extract_features(D, x, device=device, progress=label, precision=settings.precision),
         train,
         test,
         draws=settings.svhn_draws,
         c_grid=settings.c_grid(),
         grid_extensions=settings.svm_grid_extensions,
         device=device,
+        precision=settings.precision,
     )
 
 

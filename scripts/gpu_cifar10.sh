@@ -104,13 +104,13 @@ lines = [
     f"Training: {cfg.discriminator} D, batch {cfg.batch_size}, {report['step']}: {trainer.step} steps = "
     f"{epochs:.1f} epochs in {train_s:.0f} s ({report['img_per_s']:.0f} img/s).",
     f"Protocol (decode + features + SVMs for all three): {protocol_s:.0f} s.", "",
-    "| features | test accuracy | C | grid end | dim | SVM train | test | feature s | SVM s |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| features | test accuracy | C | grid end | dim | SVM train | test | precision | feature s | SVM s |",
+    "|---|---|---|---|---|---|---|---|---|---|",
 ]
 for name, r in results.items():
     lines.append(
         f"| {name} | {r['test_accuracy'] * 100:.2f}% | {r['C']:g} | {r['c_grid_end'] or '-'} | {r['feature_dim']} | "
-        f"{r['n_train']} | {r['n_test']} | {r['feature_seconds']:.0f} | {r['svm_seconds']:.0f} |"
+        f"{r['n_train']} | {r['n_test']} | {r['precision']} | {r['feature_seconds']:.0f} | {r['svm_seconds']:.0f} |"
     )
 (out / "table.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED
+from pydantic import ValidationError
 
 from dcgan.evaluation import cifar
+from dcgan.evaluation import progress as progress_module
 from dcgan.evaluation.cifar import EvaluationError, check_c_grid, cifar10_protocol, load_labelled_images, svm_protocol
 from dcgan.evaluation.features import extract_features
+from dcgan.evaluation.precision import use_bfloat16
+from dcgan.evaluation.progress import Progress
 from dcgan.evaluation.svhn import svhn_protocol
 from dcgan.evaluation.svm import SvmProblem, choose_c, fit_svm, select_and_fit, standardise_, to_device_float32
 from dcgan.models import Discriminator
+from dcgan.settings import EvaluateSettings
 from preprocessing.errors import UserError
 
 CIFAR = SHARED / "data" / "cifar10"
@@ -41,12 +46,16 @@ def _pixels(n: int) -> tuple[np.ndarray, np.ndarray]:
     return cifar.pixel_features(images[:, ::4, ::4]), labels  # 192-d: real, correlated features
 
 
-def test_every_c_of_one_batched_solve_reaches_liblinears_optimum() -> None:
+@pytest.mark.parametrize("low_precision", [False, True], ids=["fp32", "bf16 Hessian"])
+def test_every_c_of_one_batched_solve_reaches_liblinears_optimum(low_precision: bool) -> None:
+    """Also with the Hessian products in bfloat16: only the steps are approximate, not the optimum."""
     x, y = _pixels(400)
     xs = to_device_float32(x, np.arange(len(x)), "cpu")
     standardise_(xs, len(xs))
     Cs = [1e-4, 1e-3, 1e-2]
-    w, b = SvmProblem(xs, torch.from_numpy(y), 10, rank=64).solve(Cs)  # 30 columns in one Newton-CG
+    problem = SvmProblem(xs, torch.from_numpy(y), 10, rank=64, low_precision=low_precision)
+    assert problem.xh.dtype == (torch.bfloat16 if low_precision else torch.float32)
+    w, b = problem.solve(Cs)  # 30 columns in one Newton-CG
     xn = xs.numpy().astype(np.float64)
     for i, C in enumerate(Cs):
         ours = _primal(xn, y, C, w[:, i * 10 : (i + 1) * 10].numpy(), b[i * 10 : (i + 1) * 10].numpy())
@@ -144,3 +153,35 @@ def test_features_and_c_grid_report_progress_in_log_lines(caplog: pytest.LogCapt
     assert "trained_D of 200 training images: done, 200 images" in text
     assert "C=0.001 validation accuracy" in text and "ETA" in text and "refit on 200 images" in text
     assert 0.1 <= r["test_accuracy"] <= 1 and set(r["validation_accuracy"]) <= {str(c) for c in (1e-4, 1e-3, 1e-2, 0.1)}
+
+
+def test_bf16_features_stay_close_to_fp32_and_bad_precisions_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    images, _ = load_labelled_images(CIFAR / "test.parquet", limit=64)
+    torch.manual_seed(0)
+    D = Discriminator(32, ndf=8)
+    exact = extract_features(D, images, precision="fp32").astype(np.float32)
+    fast = extract_features(D, images, precision="bf16").astype(np.float32)
+    error = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
+    assert 0 < error < 0.02, error  # bfloat16 ran (not bit-equal) and is within its rounding
+    assert use_bfloat16("fp32", "cpu") is False and use_bfloat16("bf16", "cpu") is True
+    assert use_bfloat16("auto", "cuda") is True  # a GPU never needs the timing
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16"):
+        use_bfloat16("fp16", "cpu")
+    monkeypatch.setattr(cifar, "load_labelled_images", lambda *a, **k: pytest.fail("decoded before the check"))
+    with pytest.raises(EvaluationError, match="precision"):
+        cifar10_protocol(None, None, CIFAR, 32, precision="half")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="precision"):
+        EvaluateSettings(precision="half")
+
+
+def test_progress_eta_follows_the_latest_step_when_steps_grow_dearer(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: clock[0])
+    mean, last = Progress("mean", 5), Progress("last", 5, pace="last")
+    for seconds in (1.0, 2.0, 4.0):  # each C costs more than the one before
+        clock[0] += seconds
+        mean.update(1)
+        last.update(1)
+    assert mean.eta() == pytest.approx(7 / 3 * 2) and last.eta() == pytest.approx(4 * 2)
+    with pytest.raises(ValueError, match="pace"):
+        Progress("x", 1, pace="median")

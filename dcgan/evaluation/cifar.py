@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 
 from dcgan.evaluation.features import extract_features
+from dcgan.evaluation.precision import PRECISIONS, use_bfloat16
 from dcgan.evaluation.svm import C_GRID, GRID_EXTENSIONS, select_and_fit
 from preprocessing.errors import UserError
 
@@ -108,6 +109,7 @@ def svm_protocol(
     c_grid: Sequence[float] = C_GRID,
     grid_extensions: int = GRID_EXTENSIONS,
     device: str = "cpu",
+    precision: str = "auto",
 ) -> dict:
     """Fit the L2-SVM on features(train) with C chosen on a held-out split; report test accuracy.
 
@@ -121,7 +123,13 @@ def svm_protocol(
     check_finite(x_test, name)
     t_feat = time.perf_counter() - t0
     model, scores = select_and_fit(
-        x_train, train[1], grid=c_grid, extensions=grid_extensions, device=device, desc=f"L2-SVM on {name}"
+        x_train,
+        train[1],
+        grid=c_grid,
+        extensions=grid_extensions,
+        device=device,
+        precision=precision,
+        desc=f"L2-SVM on {name}",
     )
     accuracy = model.accuracy(x_test, test[1])
     return {
@@ -132,6 +140,7 @@ def svm_protocol(
         "feature_dim": int(x_train.shape[1]),
         "n_train": len(train[1]),
         "n_test": len(test[1]),
+        "precision": "bf16" if use_bfloat16(precision, device) else "fp32",
         "feature_seconds": t_feat,
         "svm_seconds": time.perf_counter() - t0 - t_feat,
         "total_seconds": time.perf_counter() - t0,
@@ -155,15 +164,19 @@ def cifar10_protocol(
     device: str = "cpu",
     c_grid: Sequence[float] = C_GRID,
     grid_extensions: int = GRID_EXTENSIONS,
+    precision: str = "auto",
 ) -> dict:
     """Test accuracy of the trained D's features, a random D's, and raw pixels (32x32).
 
-    Every input (C grid, subset sizes, tables) is checked before any image is decoded.
+    Every input (C grid, subset sizes, tables, precision) is checked before any image is decoded.
+    `precision` applies to the D features and the SVM (dcgan.evaluation.precision).
     """
     cifar = Path(cifar)
     c_grid = check_c_grid(c_grid)
     if grid_extensions < 0:
         raise EvaluationError(f"grid extensions must be >= 0, got {grid_extensions}")
+    if precision not in PRECISIONS:
+        raise EvaluationError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_limit(cifar / "train.parquet", limit_train, "--limit-train")
     check_limit(cifar / "test.parquet", limit_test, "--limit-test")
     train32 = load_labelled_images(cifar / "train.parquet", limit_train)
@@ -175,14 +188,14 @@ def cifar10_protocol(
         return np.stack([cv2.resize(im, (resolution, resolution), interpolation=cv2.INTER_CUBIC) for im in images])
 
     train, test = (at_resolution(train32[0]), train32[1]), (at_resolution(test32[0]), test32[1])
-    settings = {"c_grid": c_grid, "grid_extensions": grid_extensions, "device": device}
+    settings = {"c_grid": c_grid, "grid_extensions": grid_extensions, "device": device, "precision": precision}
     results = {}
     for name, model in (("trained_D", discriminator), ("random_D", random_discriminator)):
         log.info("CIFAR-10: features of %s", name)
         results[name] = svm_protocol(
             train,
             test,
-            lambda x, label, m=model: extract_features(m, x, device=device, progress=label),
+            lambda x, label, m=model: extract_features(m, x, device=device, progress=label, precision=precision),
             name=name,
             **settings,
         )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcgan.evaluation.precision import use_bfloat16
 from dcgan.evaluation.progress import Progress
 
 
@@ -45,11 +46,14 @@ def extract_features(
     device: str = "cpu",
     to_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress: str | None = None,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """(N, H, W, 3) uint8 images -> (N, F) float16 features of every conv layer, max-pooled to 4x4.
 
     With `progress` (a label), a bar on a terminal and log lines report images done and the ETA.
+    `precision` "bf16" (or "auto", where bfloat16 is faster) runs the model under bfloat16 autocast.
     """
+    low = use_bfloat16(precision, device)
     model = model.eval().to(device)
     taps = conv_outputs(model)
     captured: list[torch.Tensor] = []
@@ -63,7 +67,8 @@ def extract_features(
             if to_input is not None:
                 x = to_input(x)
             captured.clear()
-            model(x)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low):
+                model(x)
             pooled = [F.adaptive_max_pool2d(a, 4).flatten(1) for a in captured]
             chunks.append(torch.cat(pooled, 1).to(torch.float16).cpu().numpy())
             if bar is not None:

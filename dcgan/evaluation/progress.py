@@ -32,18 +32,30 @@ class Progress:
     """Counts steps of one long task; logs elapsed time and an ETA from the mean step so far."""
 
     def __init__(
-        self, desc: str, total: int, *, unit: str = "step", logger: logging.Logger = log, log_every_s: float = 30.0
+        self,
+        desc: str,
+        total: int,
+        *,
+        unit: str = "step",
+        logger: logging.Logger = log,
+        log_every_s: float = 30.0,
+        pace: str = "mean",
     ) -> None:
+        """`pace` "last" estimates the ETA from the latest step instead of the mean: for steps that
+        grow dearer one after another (the C grid's larger C values)."""
+        if pace not in ("mean", "last"):
+            raise ValueError(f"pace must be mean or last, got {pace!r}")
         self.desc, self.total, self.unit, self.logger, self.log_every_s = desc, total, unit, logger, log_every_s
-        self.done = 0
-        self.start = self.last_log = time.perf_counter()
+        self.pace, self.done, self.last_pace = pace, 0, 0.0
+        self.start = self.last_log = self.last_update = time.perf_counter()
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if sys.stderr.isatty() else None
 
     def eta(self) -> float | None:
-        """Seconds left at the mean pace so far; None before the first step."""
+        """Seconds left at the mean (or the latest) pace so far; None before the first step."""
         if self.done == 0:
             return None
-        return (time.perf_counter() - self.start) / self.done * max(0, self.total - self.done)
+        per_step = self.last_pace if self.pace == "last" else (time.perf_counter() - self.start) / self.done
+        return per_step * max(0, self.total - self.done)
 
     def set_total(self, total: int) -> None:
         """Grow or shrink the task (the C grid extends itself)."""
@@ -56,6 +68,8 @@ class Progress:
         """Count n steps; a message is always logged, otherwise at most every log_every_s."""
         self.done += n
         now = time.perf_counter()
+        if n:
+            self.last_pace, self.last_update = (now - self.last_update) / n, now
         if self.bar is not None:
             self.bar.update(n)
             if message:

@@ -133,6 +133,8 @@ def _protocols_section(metrics: dict) -> str:
                 f"{r['C']:g}" + (f" (at the {r['c_grid_end']} end of the values tried)" if r.get("c_grid_end") else ""),
                 r["n_train"],
                 r["n_test"],
+                r.get("precision", "fp32"),
+                f"{r['feature_seconds']:.0f} + {r['svm_seconds']:.0f}",
             )
             for name, r in metrics["cifar10"].items()
         ]
@@ -141,7 +143,19 @@ def _protocols_section(metrics: dict) -> str:
             "Every conv layer of D max-pooled to 4x4 and concatenated; squared-hinge L2-SVM with C chosen on a "
             "10% validation split of the training images. The paper reports 82.8% (D trained on ImageNet-1k).\n\n"
         )
-        md += table(rows, ("features", "test accuracy", "dim", "C", "train images", "test images"))
+        md += table(
+            rows,
+            (
+                "features",
+                "test accuracy",
+                "dim",
+                "C",
+                "train images",
+                "test images",
+                "precision",
+                "seconds: features + SVM",
+            ),
+        )
     if "svhn" in metrics:
         r = metrics["svhn"]
         md += (

@@ -53,7 +53,7 @@ def load_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def svhn_protocol(
-    features: Callable[[np.ndarray], np.ndarray],
+    features: Callable[[np.ndarray, str], np.ndarray],
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
     *,
@@ -64,10 +64,12 @@ def svhn_protocol(
     c_grid: Sequence[float] = C_GRID,
     grid_extensions: int = GRID_EXTENSIONS,
     device: str = "cpu",
+    precision: str = "auto",
 ) -> dict:
     """Test error (mean, std over `draws`) of an L2-SVM on `per_class` labels per class.
 
     C is chosen once, on the first draw against the validation split, then kept for every draw.
+    features(images, label) returns one row per image; the label names the step in progress logs.
     """
     c_grid = check_c_grid(c_grid)
     if draws < 1:
@@ -80,7 +82,8 @@ def svhn_protocol(
     short = [c for c in classes if (labels[pool] == c).sum() < per_class]
     if short or len(val) == 0:
         raise EvaluationError(f"too few training images for {per_class} per class plus a validation split")
-    x_val, x_test = features(images[val]), features(test[0])
+    x_val = features(images[val], f"SVHN features of {len(val)} validation images")
+    x_test = features(test[0], f"SVHN features of {len(test[0])} test images")
     check_finite(x_val, "the SVHN validation images")
     check_finite(x_test, "the SVHN test images")
 
@@ -88,13 +91,14 @@ def svhn_protocol(
         return np.sort(np.concatenate([rng.choice(pool[labels[pool] == c], per_class, replace=False) for c in classes]))
 
     first = draw()
-    x_first = features(images[first])
+    x_first = features(images[first], f"SVHN features of draw 1 ({len(first)} images)")
     model, scores = select_and_fit(
         x_first,
         labels[first],
         grid=c_grid,
         extensions=grid_extensions,
         device=device,
+        precision=precision,
         desc="SVHN L2-SVM",
         validation=(x_val, labels[val]),
     )
@@ -104,7 +108,8 @@ def svhn_protocol(
         for i in range(draws):
             if i:
                 idx = draw()
-                model = fit_svm(features(images[idx]), labels[idx], best, device=device)
+                x_draw = features(images[idx], f"SVHN features of draw {i + 1} ({len(idx)} images)")
+                model = fit_svm(x_draw, labels[idx], best, device=device, precision=precision)
             errors.append(1 - model.accuracy(x_test, test[1]))
             progress.update(1, f"test error {errors[-1]:.4f}")
     log.info("SVHN: test error %.4f +- %.4f over %d draws (C=%g)", np.mean(errors), np.std(errors), draws, best)

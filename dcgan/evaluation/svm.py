@@ -14,13 +14,19 @@ float64 and then to its sparse nodes: over 30 GB):
 - CG is preconditioned by the top eigenvectors of X^T X estimated from a subsample of rows
   (a Nystrom preconditioner), which removes the few huge eigenvalues of correlated conv
   features that made plain gradient methods crawl.
+- The CG's Hessian products may read a bfloat16 copy of X (dcgan.evaluation.precision): a
+  third of float32's time per pass where the hardware has bfloat16 products. The gradient, and
+  so the optimum and the stopping test, stay float32; a Newton step that stops converging
+  (as an approximate Hessian does close to the optimum of an ill-conditioned problem) switches
+  that solve's products back to float32.
 - Columns leave the batch as they converge. C values are solved from small (cheap, well
   conditioned) to large, each from the previous solution, and the ascent stops once the
   validation accuracy falls; the refit on the whole training set starts from the chosen C's.
 
 C is chosen on a validation split held out from the training set (features standardised with
-the statistics of the rest), then the model is refit on the whole training set. The grid
-extends by its own ratio while the best C sits at one of its ends.
+the statistics of the rest), each C solved to liblinear's default tolerance, then the model is
+refit on the whole training set to a ten times tighter one. The grid extends by its own ratio
+while the best C sits at one of its ends.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dcgan.evaluation.precision import use_bfloat16
 from dcgan.evaluation.progress import Progress, duration
 
 log = logging.getLogger(__name__)
@@ -41,7 +48,12 @@ log = logging.getLogger(__name__)
 C_GRID = (1e-6, 1e-5, 1e-4, 1e-3)
 GRID_EXTENSIONS = 3  # at most this many extra C values per end of the grid
 FORCING = 0.1  # each Newton step solves H d = -g by CG to this fraction of |g| (as TRON)
-TOL = 1e-4  # converged when |gradient| <= TOL * |gradient at w = 0|, per class and C (liblinear's default)
+STALL = 0.5  # a Newton step that cuts |gradient| less than this: the bfloat16 Hessian no longer pays
+TOL = 1e-4  # converged when |gradient| <= TOL * |gradient at w = 0|, per class and C
+# C values are scored at liblinear's own default for its primal solver on 10 balanced classes:
+# eps 0.01 * min(positives, negatives) / n = 1e-3 (ten times looser than TOL).
+SELECT_TOL = 1e-3
+RANK = 1024  # eigenvectors in the CG's preconditioner
 
 
 @dataclass
@@ -68,9 +80,11 @@ class LinearSVM:
         return float((self.predict(x) == np.asarray(y)).mean())
 
 
-def _chunk(device: torch.device) -> int:
-    """Rows per fused block: a few MB on a CPU (stays in cache between the two products), large on a GPU."""
-    return 8192 if device.type == "cuda" else 256
+def _chunk(x: torch.Tensor) -> int:
+    """Rows per fused block: a few MB of float32 on a CPU (measured fastest), large on a GPU or in bfloat16."""
+    if x.device.type == "cuda":
+        return 8192
+    return 1024 if x.dtype == torch.bfloat16 else 32
 
 
 def to_device_float32(x: np.ndarray, rows: np.ndarray, device: str | torch.device, batch: int = 4096) -> torch.Tensor:
@@ -81,22 +95,33 @@ def to_device_float32(x: np.ndarray, rows: np.ndarray, device: str | torch.devic
     return out
 
 
-def standardise_(x: torch.Tensor, n_stats: int, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def standardise_(x: torch.Tensor, n_stats: int, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Standardise x in place with the mean and std of its first n_stats rows; returns (mean, scale).
 
-    Statistics are summed block by block (no full-size temporary). A constant column (all zeros,
-    say) becomes exactly 0, not noise divided by a tiny std.
+    Statistics are summed over blocks of rows small enough to stay in cache (float32 within a
+    block, float64 across blocks; no full-size temporary). A constant column (all zeros, say)
+    becomes exactly 0, not noise divided by a tiny std.
     """
-    blocks = [x[i : min(i + batch, n_stats)] for i in range(0, n_stats, batch)]
-    high = torch.stack([b.amax(0) for b in blocks]).amax(0)
-    low = torch.stack([b.amin(0) for b in blocks]).amin(0)
-    mean = sum(b.sum(0, dtype=torch.float64) for b in blocks) / n_stats
-    var = sum(((b - mean.to(b.dtype)) ** 2).sum(0, dtype=torch.float64) for b in blocks) / max(n_stats - 1, 1)
+    f = x.shape[1]
+    high = torch.full((f,), -torch.inf, dtype=x.dtype, device=x.device)
+    low = torch.full((f,), torch.inf, dtype=x.dtype, device=x.device)
+    total = torch.zeros(f, dtype=torch.float64, device=x.device)
+    for i in range(0, n_stats, batch):
+        b = x[i : min(i + batch, n_stats)]
+        torch.maximum(high, b.amax(0), out=high)
+        torch.minimum(low, b.amin(0), out=low)
+        total += b.sum(0)
+    mean = (total / n_stats).to(x.dtype)
+    squares = torch.zeros(f, dtype=torch.float64, device=x.device)
+    for i in range(0, n_stats, batch):
+        squares += ((x[i : min(i + batch, n_stats)] - mean) ** 2).sum(0)
     const = high == low
-    mean = torch.where(const, x[0], mean.to(x.dtype))
-    scale = torch.where(const, torch.ones_like(mean), var.sqrt().to(x.dtype).clamp_min(1e-6))
+    mean = torch.where(const, x[0], mean)
+    std = (squares / max(n_stats - 1, 1)).sqrt().to(x.dtype)
+    scale = torch.where(const, torch.ones_like(mean), std.clamp_min(1e-6))
+    inverse = 1 / scale
     for i in range(0, len(x), batch):
-        x[i : i + batch].sub_(mean).div_(scale)
+        x[i : i + batch].sub_(mean).mul_(inverse)
     return mean, scale
 
 
@@ -130,7 +155,7 @@ def _gradient_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.T
     """One fused pass: z = x w + b and x^T (y * max(0, 1 - y z)), as (n, m) and (m, F)."""
     z = torch.empty(len(x), w.shape[1], dtype=x.dtype, device=x.device)
     g = torch.zeros(w.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    step = _chunk(x.device)
+    step = _chunk(x)
     for i in range(0, len(x), step):
         xb, yb = x[i : i + step], y[i : i + step]
         zb = torch.addmm(b, xb, w)
@@ -140,15 +165,24 @@ def _gradient_pass(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.T
 
 
 def _hessian_pass(x: torch.Tensor, p: torch.Tensor, pb: torch.Tensor, active: torch.Tensor) -> tuple:
-    """One fused pass: x p + pb and x^T (active * (x p + pb)), as (n, m) and (m, F)."""
-    xp = torch.empty(len(x), p.shape[1], dtype=x.dtype, device=x.device)
-    r = torch.zeros(p.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
-    step = _chunk(x.device)
+    """One fused pass: x p + pb and x^T (active * (x p + pb)), as float32 (n, m) and (m, F).
+
+    x may be a bfloat16 copy (see `hessian_copy`): products then round to bfloat16 per block and
+    are summed in float32.
+    """
+    xp = torch.empty(len(x), p.shape[1], dtype=pb.dtype, device=x.device)
+    r = torch.zeros(p.shape[1], x.shape[1], dtype=pb.dtype, device=x.device)
+    step, low = _chunk(x), x.dtype != pb.dtype
+    p = p.to(x.dtype)
     for i in range(0, len(x), step):
         xb = x[i : i + step]
-        zb = torch.addmm(pb, xb, p)
+        if low:
+            zb = (xb @ p).to(pb.dtype) + pb
+            r += ((zb * active[i : i + step]).to(x.dtype).T @ xb).to(pb.dtype)
+        else:
+            zb = torch.addmm(pb, xb, p)
+            r.addmm_((zb * active[i : i + step]).T, xb)
         xp[i : i + step] = zb
-        r.addmm_((zb * active[i : i + step]).T, xb)
     return xp, r
 
 
@@ -172,6 +206,7 @@ def _step_length(
 
 def _newton_cg(
     x: torch.Tensor,
+    xh: torch.Tensor,
     y: torch.Tensor,
     s: torch.Tensor,
     w: torch.Tensor,
@@ -185,10 +220,13 @@ def _newton_cg(
 ) -> dict:
     """Minimise 0.5|w_j|^2 + s_j/2 sum max(0, 1 - y_j (x w_j + b_j))^2 for every column j, in place.
 
-    Columns leave the batch once |gradient_j| <= tol * g0_j.
+    Columns leave the batch once |gradient_j| <= tol * g0_j. Gradients use x; the CG's Hessian
+    products use xh (x itself, or its bfloat16 copy): an inexact Hessian only slows Newton's
+    steps, while the exact gradient decides where they stop.
     """
     todo = torch.arange(w.shape[1], device=w.device)
     passes = cg_steps = 0
+    previous = None  # |gradient| per column at the last Newton step
     start = last_log = time.perf_counter()
     for newton in range(max_newton + 1):
         wa, ba, ya, sa = w[:, todo], b[todo], y[:, todo], s[todo]
@@ -198,6 +236,14 @@ def _newton_cg(
         gw, gb = wa - sa * g.T, -sa * (ya * margin).sum(0)
         gnorm = ((gw * gw).sum(0) + gb * gb).sqrt()
         done = gnorm <= tol * g0[todo]
+        if previous is not None:
+            ratio = (gnorm / previous).max().item()
+            log.debug(
+                "L2-SVM: Newton step %d, worst |g|/|g0| %.1e, |g| ratio %.2f", newton, (gnorm / g0[todo]).max(), ratio
+            )
+            if xh is not x and ratio > STALL and newton >= 2:  # step 1 may still be moving the active set
+                xh = x
+                log.debug("L2-SVM: Hessian products in %s from Newton step %d on", x.dtype, newton)
         if done.all() or newton == max_newton:
             if not done.all():
                 worst = (gnorm / g0[todo]).max().item()
@@ -218,6 +264,7 @@ def _newton_cg(
         keep = ~done
         todo, wa, ba, ya, sa = todo[keep], wa[:, keep], ba[keep], ya[:, keep], sa[keep]
         z, margin, gw, gb, gnorm = z[:, keep], margin[:, keep], gw[:, keep], gb[keep], gnorm[keep]
+        previous = gnorm
         active = (margin > 0).to(x.dtype)
         n_active = active.sum(0)
         s_pre = sa * n_active / len(x)  # the preconditioner is built from all rows; only active ones count
@@ -230,7 +277,7 @@ def _newton_cg(
         forcing = FORCING * gnorm
         open_ = torch.ones_like(gnorm, dtype=torch.bool)
         for _ in range(max_cg):
-            xp, r = _hessian_pass(x, pw, pb, active)
+            xp, r = _hessian_pass(xh, pw, pb, active)
             passes += 1
             cg_steps += 1
             hw, hb = pw + sa * r.T, sa * (xp * active).sum(0)
@@ -269,11 +316,28 @@ def _gradient_at_zero(x: torch.Tensor, labels: torch.Tensor, n_classes: int) -> 
     return ((g * g).sum(1) + y.sum(0) ** 2).sqrt()
 
 
+def hessian_copy(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """The matrix the CG's Hessian products read: x itself, or a bfloat16 copy of it.
+
+    bfloat16 halves the bytes each pass streams; where the hardware has bfloat16 products
+    (dcgan.evaluation.precision) a pass takes about a third of float32's time.
+    """
+    if not low_precision:
+        return x
+    out = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    for i in range(0, len(x), 4096):
+        out[i : i + 4096] = x[i : i + 4096]
+    return out
+
+
 class SvmProblem:
     """Standardised features and labels on the device, with what every solve over them shares."""
 
-    def __init__(self, x: torch.Tensor, labels: torch.Tensor, n_classes: int, rank: int) -> None:
+    def __init__(
+        self, x: torch.Tensor, labels: torch.Tensor, n_classes: int, rank: int, low_precision: bool = False
+    ) -> None:
         self.x, self.labels, self.n_classes = x, labels, n_classes
+        self.xh = hessian_copy(x, low_precision)
         self.pre = _Preconditioner(x, rank)
         self.g0 = _gradient_at_zero(x, labels, n_classes)
 
@@ -294,6 +358,7 @@ class SvmProblem:
             w, b = init[0].clone(), init[1].clone()
         stats = _newton_cg(
             self.x,
+            self.xh,
             _targets(self.labels, k, len(Cs)),
             s,
             w,
@@ -316,13 +381,21 @@ def _check_inputs(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def fit_svm(
-    x: np.ndarray, y: np.ndarray, C: float, *, device: str = "cpu", tol: float = TOL, rank: int = 512
+    x: np.ndarray,
+    y: np.ndarray,
+    C: float,
+    *,
+    device: str = "cpu",
+    tol: float = TOL,
+    rank: int = RANK,
+    precision: str = "auto",
 ) -> LinearSVM:
     """Train one-vs-rest squared-hinge SVMs for all classes at once, on features standardised here."""
     classes, yi = _check_inputs(x, y)
+    low = use_bfloat16(precision, device)
     xs = to_device_float32(x, np.arange(len(x)), device)
     mean, scale = standardise_(xs, len(xs))
-    problem = SvmProblem(xs, torch.from_numpy(yi).to(device), len(classes), rank)
+    problem = SvmProblem(xs, torch.from_numpy(yi).to(device), len(classes), rank, low)
     w, b = problem.solve([C], tol=tol)
     return LinearSVM(w, b, mean, scale, classes, C)
 
@@ -350,7 +423,9 @@ def select_and_fit(
     seed: int = 0,
     device: str = "cpu",
     tol: float = TOL,
-    rank: int = 512,
+    select_tol: float = SELECT_TOL,
+    rank: int = RANK,
+    precision: str = "auto",
     desc: str = "L2-SVM",
     validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[LinearSVM, dict[float, float]]:
@@ -362,12 +437,15 @@ def select_and_fit(
     a good start), and the ascent stops once the validation accuracy falls below the best so far:
     larger C values are the costly ones. The grid extends by its own ratio, up to `extensions`
     times per end, while the best C is at an end; model.grid_end says if it still is.
+    The C values are scored at `select_tol` (liblinear's own default stopping rule for these
+    problems), the returned model is solved to `tol`.
     """
     grid = sorted(float(c) for c in grid)
     if not grid or any(not (math.isfinite(c) and c > 0) for c in grid):
         raise ValueError(f"C values must be positive and finite, got {grid}")
     classes, yi = _check_inputs(x_train, y_train)
     k, n = len(classes), len(x_train)
+    low = use_bfloat16(precision, device)
     if validation is None:
         order = np.random.default_rng(seed).permutation(n)
         n_val = max(1, int(n * val_fraction))
@@ -385,14 +463,14 @@ def select_and_fit(
         y_val = torch.from_numpy(np.searchsorted(classes, np.asarray(validation[1]))).to(device)
         known = torch.from_numpy(np.isin(np.asarray(validation[1]), classes)).to(device)
         y_val = torch.where(known, y_val.clamp_max(k - 1), -1)  # a class the training set lacks is never right
-    problem = SvmProblem(x_fit, y_fit, k, rank)
+    problem = SvmProblem(x_fit, y_fit, k, rank, low)
     ratio = _grid_ratio(grid)
     scores: dict[float, float] = {}
     solutions: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    progress = Progress(f"{desc}: C grid", len(grid) + (validation is None), unit="C")
+    progress = Progress(f"{desc}: C grid", len(grid) + (validation is None), unit="C", pace="last")
 
     def solve(C: float, start: float | None) -> float:
-        w, b = problem.solve([C], solutions.get(start), tol=tol)
+        w, b = problem.solve([C], solutions.get(start), tol=select_tol)
         solutions[C] = (w, b)
         scores[C] = float((torch.addmm(b, x_val, w).argmax(1) == y_val).float().mean())
         log.info("%s C=%g: validation accuracy %.4f", desc, C, scores[C])
@@ -426,8 +504,12 @@ def select_and_fit(
         # Refit on every training row, standardised with all rows' statistics; the fit-split
         # solution, rewritten for the new scaling, is the starting point.
         shift, stretch = standardise_(xs, len(xs))
-        w, b = SvmProblem(xs, labels, k, rank).solve([best], (w * stretch[:, None], b + shift @ w), tol=tol)
+        del problem  # its bfloat16 copy goes before the refit makes one
+        problem = SvmProblem(xs, labels, k, rank, low)
+        w, b = problem.solve([best], (w * stretch[:, None], b + shift @ w), tol=tol)
         mean, scale = mean + scale * shift, scale * stretch
         progress.update(1, f"refit on {n} images at C={best:g}")
+    else:
+        w, b = problem.solve([best], (w, b), tol=tol)
     progress.close()
     return LinearSVM(w, b, mean, scale, classes, best, grid_end), scores
