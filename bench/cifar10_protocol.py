@@ -15,12 +15,17 @@
    C chosen on a 10% validation split of `--limit-train` CIFAR-10 training images (seeded
    subset), test accuracy on `--limit-test` test images (default: all 10,000).
 4. Solvers. On the same features, the protocol runs with the solver of dcgan.evaluation.svm
-   (Newton-CG, adaptive C grid) and, unless --no-baseline, with the solver it replaced (full-batch
-   L-BFGS over C = 1e-4 ... 1, kept below as `baseline_select_and_fit`); the table gives both
-   wall times, their ratio and both accuracies.
+   (Newton-CG, adaptive C grid, bfloat16 Hessian products where faster, C scored at liblinear's
+   tolerance) and with a baseline: `--baseline lbfgs` (default), the first solver (full-batch
+   L-BFGS over C = 1e-4 ... 1, kept below as `baseline_select_and_fit`), or `--baseline
+   newton-fp32`, the Newton-CG solver as it was before bfloat16 (float32 products, rank-512
+   preconditioner, every C solved to the final tolerance); `--no-baseline` skips it. The table
+   gives both wall times, their ratio and both accuracies. `--precision` (auto, fp32, bf16)
+   sets the D features' and the new solver's precision; the features' time is reported.
 
     python bench/cifar10_protocol.py --steps 250 --limit-train 5000    # the CPU run in docs/benchmarks.md
     python bench/cifar10_protocol.py --settings none --limit-train 50000 --no-baseline   # full size, random D
+    python bench/cifar10_protocol.py --settings none --limit-train 10000 --baseline newton-fp32  # vs the fp32 solver
     python bench/cifar10_protocol.py --quick                           # smoke run; its numbers mean nothing
 
 Results go to WORK/results.json and are printed as a markdown table.
@@ -51,7 +56,7 @@ from dcgan.checkpoint import list_checkpoints  # noqa: E402
 from dcgan.evaluation.cifar import load_labelled_images, pixel_features, seeded  # noqa: E402
 from dcgan.evaluation.features import extract_features  # noqa: E402
 from dcgan.evaluation.runs import load_run  # noqa: E402
-from dcgan.evaluation.svm import LinearSVM, select_and_fit  # noqa: E402
+from dcgan.evaluation.svm import TOL, LinearSVM, select_and_fit  # noqa: E402
 from dcgan.models import ImageNetDiscriminator32  # noqa: E402
 
 log = logging.getLogger("bench.cifar10_protocol")
@@ -162,14 +167,28 @@ def baseline_select_and_fit(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tupl
     return _baseline_fit(x, y, best), scores
 
 
+def fp32_newton_select_and_fit(x: np.ndarray, y: np.ndarray, label: str) -> tuple[LinearSVM, dict[float, float]]:
+    """The Newton-CG solver before bfloat16: float32 products, rank 512, every C solved to TOL."""
+    return select_and_fit(x, y, precision="fp32", rank=512, select_tol=TOL, desc=f"fp32 L2-SVM on {label}")
+
+
 def compare_solvers(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *, baseline: bool, label: str
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    baseline: str,
+    precision: str,
+    label: str,
 ) -> dict:
     """Both solvers' protocol (C selection + refit + test) on the same features, timed in this process."""
     out = {}
-    solvers = {"new": lambda: select_and_fit(x_train, y_train, desc=f"L2-SVM on {label}")}
-    if baseline:
+    solvers = {"new": lambda: select_and_fit(x_train, y_train, precision=precision, desc=f"L2-SVM on {label}")}
+    if baseline == "lbfgs":
         solvers["baseline"] = lambda: baseline_select_and_fit(x_train, y_train)
+    elif baseline == "newton-fp32":
+        solvers["baseline"] = lambda: fp32_newton_select_and_fit(x_train, y_train, label)
     for name, solve in solvers.items():
         t0 = time.perf_counter()
         model, scores = solve()
@@ -193,9 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit-test", type=int, default=None, help="CIFAR-10 test images (default: all 10,000)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help="training sets to train a D on, or 'none'")
     ap.add_argument("--features", default="all", choices=["all", "pixels"], help="feature sets (pixels: quick)")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the replaced L-BFGS solver (an hour at 50k)")
+    ap.add_argument(
+        "--baseline",
+        default="lbfgs",
+        choices=["lbfgs", "newton-fp32", "none"],
+        help="the solver to compare with: the first one (L-BFGS; an hour at 50k) or Newton-CG in float32",
+    )
+    ap.add_argument("--no-baseline", action="store_true", help="same as --baseline none")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="features and new solver")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 500/500 images; numbers mean nothing")
     args = ap.parse_args(argv)
+    if args.no_baseline:
+        args.baseline = "none"
     if args.quick:
         args.steps, args.limit_train, args.limit_test = 3, 500, 500
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -220,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.features == "pixels":
         discriminators = {}
     feature_sets = {
-        label: (lambda x, what, m=D: extract_features(m, x, progress=what)) for label, D in discriminators.items()
+        label: (lambda x, what, m=D: extract_features(m, x, progress=what, precision=args.precision))
+        for label, D in discriminators.items()
     }
     feature_sets["raw pixels"] = pixel_features
     results = {}
@@ -230,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         x_test = features(test_set[0], f"{label}: {len(test_set[0])} test images")
         feature_seconds = time.perf_counter() - t0
         results[label] = compare_solvers(
-            x_train, train_set[1], x_test, test_set[1], baseline=not args.no_baseline, label=label
+            x_train, train_set[1], x_test, test_set[1], baseline=args.baseline, precision=args.precision, label=label
         )
         results[label].update(feature_dim=int(x_train.shape[1]), feature_seconds=feature_seconds)
         del x_train, x_test
@@ -269,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     protocol = decode_seconds + sum(r["feature_seconds"] + r["new"]["seconds"] for r in results.values())
     print(f"\nprotocol wall time with the new solver (decode + features + SVMs): {protocol / 60:.1f} min")
-    if not args.no_baseline:
+    if args.baseline != "none":
         old = decode_seconds + sum(r["feature_seconds"] + r["baseline"]["seconds"] for r in results.values())
         print(f"protocol wall time with the baseline solver: {old / 60:.1f} min ({old / protocol:.1f}x)")
     print(f"results: {args.work / 'results.json'} ({report['total_seconds'] / 60:.1f} min in all)")
