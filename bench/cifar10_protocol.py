@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from dcgan.checkpoint import list_checkpoints  # noqa: E402
 from dcgan.evaluation.cifar import load_labelled_images, pixel_features, seeded  # noqa: E402
 from dcgan.evaluation.features import extract_features  # noqa: E402
+from dcgan.evaluation.precision import PRECISIONS  # noqa: E402
 from dcgan.evaluation.runs import load_run  # noqa: E402
 from dcgan.evaluation.svm import TOL, LinearSVM, select_and_fit  # noqa: E402
 from dcgan.models import ImageNetDiscriminator32  # noqa: E402
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the solver to compare with: the first one (L-BFGS; an hour at 50k) or Newton-CG in float32",
     )
     ap.add_argument("--no-baseline", action="store_true", help="same as --baseline none")
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="features and new solver")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS, help="features and new solver")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 500/500 images; numbers mean nothing")
     args = ap.parse_args(argv)
     if args.no_baseline:

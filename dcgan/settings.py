@@ -14,6 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from preprocessing.settings import Device, ExistingDir, ExistingFile, Settings
 
 RESOLUTIONS = (32, 64, 128)
+EvalPrecision = Literal["auto", "fp32", "bf16"]  # dcgan.evaluation.precision says what each means
 
 
 class TrainSettings(Settings):
@@ -130,7 +131,7 @@ class EvaluateSettings(Settings):
     svm_grid_extensions: int = Field(
         3, ge=0, le=10, description="extra C values per end of the grid while the best C sits at that end"
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: EvalPrecision = Field(
         "auto",
         description="CIFAR-10/SVHN: D features and the SVM's Hessian products in bfloat16 where it is faster "
         "(auto: a GPU, or a CPU with bfloat16 products), always, or never; the SVM's gradient stays float32",

@@ -13,12 +13,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import get_args
 
 import torch
 
+from dcgan.settings import EvalPrecision
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(EvalPrecision)
 
 
 def use_bfloat16(precision: str, device: str | torch.device) -> bool:
