@@ -55,10 +55,10 @@ sys.path.insert(0, str(ROOT))
 from dcgan.checkpoint import list_checkpoints  # noqa: E402
 from dcgan.evaluation.cifar import load_labelled_images, pixel_features, seeded  # noqa: E402
 from dcgan.evaluation.features import extract_features  # noqa: E402
-from dcgan.evaluation.precision import PRECISIONS  # noqa: E402
 from dcgan.evaluation.runs import load_run  # noqa: E402
 from dcgan.evaluation.svm import TOL, LinearSVM, select_and_fit  # noqa: E402
 from dcgan.models import ImageNetDiscriminator32  # noqa: E402
+from dcgan.precision import PRECISIONS  # noqa: E402
 
 log = logging.getLogger("bench.cifar10_protocol")
 

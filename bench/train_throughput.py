@@ -9,7 +9,7 @@ achieved TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode) against 
 matmul peak measured in the same process, and each ratio against the textbook loop.
 
     python bench/train_throughput.py --shards work/shards            # on a GPU box
-    python bench/train_throughput.py --device cpu --resolution 32 --batches 16 --steps 2
+    python bench/train_throughput.py --device cpu --resolution 32    # batch 128, 10 steps a round
 """
 
 from __future__ import annotations
@@ -93,15 +93,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--width", type=int, default=64, help="ngf = ndf")
-    parser.add_argument("--batches", default="128,1024")
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--batches", default=None, help="comma-separated (default: 128,1024 on CUDA, 128 on CPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per round (default: 200 CUDA, 10 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: 20 CUDA, 3 CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over all paths; the best of each counts")
     parser.add_argument("--shards", default=None, help="final shards at --resolution, for the real-data rows")
     parser.add_argument("--stream-workers", type=int, default=0, help="also feed ours through WebDataset workers")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.batches = args.batches or ("128,1024" if cuda else "128")
+    args.steps = args.steps or (200 if cuda else 10)
+    args.warmup = args.warmup if args.warmup is not None else (20 if cuda else 3)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     peak, peak_what = matmul_peak(device)

@@ -1,7 +1,8 @@
 """Training and evaluation settings, declared once (see preprocessing.settings for the contract).
 
 Defaults follow Radford et al. (2015): Adam(lr 2e-4, beta1 0.5), batch 128, z of 100
-dimensions uniform in [-1, 1]. The fast-path switches apply on CUDA only.
+dimensions uniform in [-1, 1]. The fast step is bf16 autocast + channels_last where bfloat16 is
+faster (a GPU, or a CPU with bfloat16 products), with fused Adam; CUDA graphs on CUDA only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from preprocessing.settings import Device, ExistingDir, ExistingFile, Settings
 
 RESOLUTIONS = (32, 64, 128)
-EvalPrecision = Literal["auto", "fp32", "bf16"]  # dcgan.evaluation.precision says what each means
+Precision = Literal["auto", "fp32", "bf16"]  # dcgan.precision says what each means, for training and evaluation
 
 
 class TrainSettings(Settings):
@@ -42,9 +43,13 @@ class TrainSettings(Settings):
     workers: int = Field(2, ge=0, description="DataLoader workers when streaming shards")
     deterministic: bool = Field(False, description="deterministic CUDA kernels (slower)")
     loop: Literal["fast", "textbook"] = Field("fast", description="fast, or textbook (pytorch/examples' loop)")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="bf16 autocast on CUDA, or fp32")
-    channels_last: bool = Field(True, description="channels_last layout on CUDA")
-    fused_adam: bool = Field(True, description="fused Adam on CUDA")
+    precision: Precision = Field(
+        "auto",
+        description="bf16 autocast where it is faster (auto: a GPU, or a CPU with bfloat16 products, "
+        "timed once per device), always, or never (fp32); weights and Adam stay float32",
+    )
+    channels_last: bool = Field(True, description="channels_last layout when the step runs in bf16")
+    fused_adam: bool = Field(True, description="fused Adam (one kernel for all parameters, CPU or CUDA)")
     cuda_graphs: bool = Field(True, description="capture the whole step as a CUDA graph (single process)")
     gpu_cache: bool = Field(True, description="decoded images in GPU memory when they fit cache_gb")
     best_images: int = Field(512, ge=0, description="SWD samples per checkpoint to keep best.pt (0: off)")
@@ -131,7 +136,14 @@ class EvaluateSettings(Settings):
     svm_grid_extensions: int = Field(
         3, ge=0, le=10, description="extra C values per end of the grid while the best C sits at that end"
     )
-    precision: EvalPrecision = Field(
+    arithmetic: str | None = Field(
+        None,
+        description="vector arithmetic concepts as indices on the numbered sample sheet of an earlier "
+        "evaluation of this run, e.g. A=1,5,9;B=2,3,4;C=7,8,11",
+        examples=["A=1,5,9;B=2,3,4;C=7,8,11"],
+    )
+    expression: str | None = Field(None, description="concepts joined by + and -, e.g. A-B+C", examples=["A-B+C"])
+    precision: Precision = Field(
         "auto",
         description="CIFAR-10/SVHN: D features and the SVM's Hessian products in bfloat16 where it is faster "
         "(auto: a GPU, or a CPU with bfloat16 products), always, or never; the SVM's gradient stays float32",
@@ -147,6 +159,12 @@ class EvaluateSettings(Settings):
         if not grid or not all(math.isfinite(c) and c > 0 for c in grid):
             raise ValueError(f"svm_c_grid values must be positive and finite, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _arithmetic_needs_both(self) -> EvaluateSettings:
+        if (self.arithmetic is None) != (self.expression is None):
+            raise ValueError("vector arithmetic needs both the concepts (arithmetic) and an expression")
+        return self
 
     def c_grid(self) -> tuple[float, ...]:
         return tuple(float(v) for v in self.svm_c_grid.split(","))

@@ -100,8 +100,11 @@ class StepRunner:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.options.autocast is None:
             return contextlib.nullcontext()
-        # The cast cache must be off while a CUDA graph is captured (torch.cuda.graph docs).
-        return torch.autocast(self.acc.device.type, dtype=self.options.autocast, cache_enabled=False)
+        # The cast cache (each weight cast once per region, not once per call) must be off while a
+        # CUDA graph is captured (torch.cuda.graph docs).
+        return torch.autocast(
+            self.acc.device.type, dtype=self.options.autocast, cache_enabled=not self.options.cuda_graph
+        )
 
     def _ours(self, real_u8: torch.Tensor, z: torch.Tensor) -> None:
         ones, zeros = self._labels_for(real_u8.shape[0], real_u8.device)

@@ -5,8 +5,9 @@ dimensions drawn uniformly from [-1, 1], N(0, 0.02) initialisation. Each step dr
 batch and noise from generators seeded by (seed, step), so training is a pure function of
 the config and the data; a checkpoint plus the step replays the rest of the run exactly.
 
-On CUDA the default step is bf16 autocast + channels_last + fused Adam, captured whole as
-a CUDA graph, fed from a uint8 cache in GPU memory (`dcgan.step`, `dcgan.data`); each is
+The default step is bf16 autocast + channels_last + fused Adam where bfloat16 is faster
+(a GPU, or a CPU with bfloat16 products: `dcgan.precision`), on CUDA captured whole as a
+CUDA graph and fed from a uint8 cache in GPU memory (`dcgan.step`, `dcgan.data`); each is
 a flag, and `loop="textbook"` runs pytorch/examples' eager fp32 loop for comparison.
 Under torchrun the same loop runs data-parallel (`dcgan.distributed`); rank 0 alone
 writes. A non-finite loss or weight rolls back to the last good checkpoint (kept in
@@ -44,6 +45,7 @@ from dcgan.distributed import World, all_mean, device_for, init_process_group, r
 from dcgan.evaluation.quality import generate, prior_noise, real_images, sliced_wasserstein_distance
 from dcgan.models import Generator, build_discriminator, init_weights
 from dcgan.monitor import Monitor
+from dcgan.precision import use_bfloat16
 from dcgan.settings import TrainSettings
 from dcgan.step import METRICS, StepOptions, StepRunner, make_adam
 from preprocessing.atomic import atomic_write_bytes, atomic_write_json
@@ -76,14 +78,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def step_options(cfg: TrainConfig, device: torch.device, world: World) -> StepOptions:
-    """Which fast paths apply: all of them on CUDA unless switched off; none on CPU."""
+    """Which fast paths apply: bf16 (+ channels_last) where it is faster, fused Adam, CUDA graphs on CUDA."""
     if cfg.loop == "textbook":
         return StepOptions(textbook=True)
     cuda = device.type == "cuda"
+    low = use_bfloat16(cfg.precision, device)
     return StepOptions(
-        autocast=torch.bfloat16 if cuda and cfg.precision == "bf16" else None,
-        channels_last=cuda and cfg.channels_last,
-        fused_adam=cuda and cfg.fused_adam,
+        autocast=torch.bfloat16 if low else None,
+        channels_last=low and cfg.channels_last,
+        fused_adam=cfg.fused_adam,
         cuda_graph=cuda and cfg.cuda_graphs and not world.distributed,
     )
 

@@ -76,12 +76,15 @@ def test_training_writes_samples_checkpoints_and_metrics(shards_dir: Path, tmp_p
     assert state["step"] == 4 and {"G", "D", "optG", "optD", "rng", "fixed_noise"} <= set(state)
 
 
-def test_resume_is_exact(shards_dir: Path, tmp_path: Path) -> None:
-    straight = train(tiny_config(shards_dir, tmp_path / "a", steps=6, checkpoint_every=6, deterministic=True))
-    train(tiny_config(shards_dir, tmp_path / "b", steps=3, checkpoint_every=3, deterministic=True))
-    resumed = train(
-        tiny_config(shards_dir, tmp_path / "b", steps=6, checkpoint_every=3, deterministic=True), resume=True
-    )
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact(shards_dir: Path, tmp_path: Path, precision: str) -> None:
+    """Bit for bit, on the fp32 step and on the bf16 + channels_last + fused Adam step."""
+    kw = dict(deterministic=True, precision=precision)
+    straight = train(tiny_config(shards_dir, tmp_path / "a", steps=6, checkpoint_every=6, **kw))
+    train(tiny_config(shards_dir, tmp_path / "b", steps=3, checkpoint_every=3, **kw))
+    resumed = train(tiny_config(shards_dir, tmp_path / "b", steps=6, checkpoint_every=3, **kw), resume=True)
+    assert straight["step_path"] == resumed["step_path"]
+    assert ("bfloat16" in straight["step_path"]) == (precision == "bf16")
     a = load_checkpoint(Path(straight["checkpoint"]))
     b = load_checkpoint(Path(resumed["checkpoint"]))
     for part in ("G", "D"):

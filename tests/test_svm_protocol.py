@@ -14,11 +14,11 @@ from dcgan.evaluation import cifar
 from dcgan.evaluation import progress as progress_module
 from dcgan.evaluation.cifar import EvaluationError, check_c_grid, cifar10_protocol, load_labelled_images, svm_protocol
 from dcgan.evaluation.features import extract_features
-from dcgan.evaluation.precision import use_bfloat16
 from dcgan.evaluation.progress import Progress
 from dcgan.evaluation.svhn import svhn_protocol
 from dcgan.evaluation.svm import SvmProblem, choose_c, fit_svm, select_and_fit, standardise_, to_device_float32
 from dcgan.models import Discriminator
+from dcgan.precision import use_bfloat16
 from dcgan.settings import EvaluateSettings
 from preprocessing.errors import UserError
 

@@ -60,13 +60,17 @@ def test_bf16_channels_last_fused_adam_step_runs_and_stays_close(shards_dir: Pat
         assert a == pytest.approx(b, rel=0.05, abs=0.02)
 
 
-def test_fast_paths_apply_on_cuda_only_and_can_be_switched_off(shards_dir: Path, tmp_path: Path) -> None:
+def test_fast_paths_follow_precision_and_can_be_switched_off(shards_dir: Path, tmp_path: Path) -> None:
+    """bf16 (+ channels_last) where `precision` says so, fused Adam everywhere, CUDA graphs on CUDA only."""
     from dcgan.distributed import World
     from dcgan.train import step_options
 
     cfg = tiny(shards_dir, tmp_path / "r")
-    cuda = torch.device("cuda", 0)
-    assert step_options(cfg, torch.device("cpu"), World()) == StepOptions()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    bf16, fp32 = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True), StepOptions(fused_adam=True)
+    assert step_options(tiny(shards_dir, tmp_path / "r", precision="fp32"), cpu, World()) == fp32
+    assert step_options(tiny(shards_dir, tmp_path / "r", precision="bf16"), cpu, World()) == bf16
+    assert step_options(cfg, cpu, World()) in (bf16, fp32)  # auto: timed once on this CPU
     assert step_options(cfg, cuda, World()) == StepOptions(
         autocast=torch.bfloat16, channels_last=True, fused_adam=True, cuda_graph=True
     )
@@ -93,12 +97,13 @@ def poison_at(monkeypatch: pytest.MonkeyPatch, calls: set[int]) -> list[int]:
     return seen
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_nan_rolls_back_to_the_last_checkpoint_with_a_lower_lr(
-    shards_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    shards_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     run = tmp_path / "r"
     poison_at(monkeypatch, {4})  # step 5: after the checkpoint at step 4
-    result = train(tiny(shards_dir, run, steps=8, checkpoint_every=4, keep_checkpoints=5))
+    result = train(tiny(shards_dir, run, steps=8, checkpoint_every=4, keep_checkpoints=5, precision=precision))
     assert result["rollbacks"] == 1 and result["steps"] == 8
     assert result["final"]["lr"] == pytest.approx(1e-4)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -24,8 +24,8 @@ from PIL import Image
 from torch import nn
 
 from dcgan.evaluation.features import extract_features
-from dcgan.evaluation.precision import PRECISIONS, use_bfloat16
 from dcgan.evaluation.svm import C_GRID, GRID_EXTENSIONS, select_and_fit
+from dcgan.precision import PRECISIONS, use_bfloat16
 from preprocessing.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def cifar10_protocol(
     """Test accuracy of the trained D's features, a random D's, and raw pixels (32x32).
 
     Every input (C grid, subset sizes, tables, precision) is checked before any image is decoded.
-    `precision` applies to the D features and the SVM (dcgan.evaluation.precision).
+    `precision` applies to the D features and the SVM (dcgan.precision).
     """
     cifar = Path(cifar)
     c_grid = check_c_grid(c_grid)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan.evaluation.precision import use_bfloat16
 from dcgan.evaluation.progress import Progress
+from dcgan.precision import use_bfloat16
 
 
 def conv_outputs(model: nn.Module) -> list[nn.Module]:

@@ -14,7 +14,7 @@ float64 and then to its sparse nodes: over 30 GB):
 - CG is preconditioned by the top eigenvectors of X^T X estimated from a subsample of rows
   (a Nystrom preconditioner), which removes the few huge eigenvalues of correlated conv
   features that made plain gradient methods crawl.
-- The CG's Hessian products may read a bfloat16 copy of X (dcgan.evaluation.precision): a
+- The CG's Hessian products may read a bfloat16 copy of X (dcgan.precision): a
   third of float32's time per pass where the hardware has bfloat16 products. The gradient, and
   so the optimum and the stopping test, stay float32; a Newton step that stops converging
   (as an approximate Hessian does close to the optimum of an ill-conditioned problem) switches
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dcgan.evaluation.precision import use_bfloat16
 from dcgan.evaluation.progress import Progress, duration
+from dcgan.precision import use_bfloat16
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def hessian_copy(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
     """The matrix the CG's Hessian products read: x itself, or a bfloat16 copy of it.
 
     bfloat16 halves the bytes each pass streams; where the hardware has bfloat16 products
-    (dcgan.evaluation.precision) a pass takes about a third of float32's time.
+    (dcgan.precision) a pass takes about a third of float32's time.
     """
     return x.to(torch.bfloat16) if low_precision else x
 
