@@ -17,6 +17,7 @@ from dedup.stage import DedupError, collect_crops, dedup_dir, encode_items, grou
 from flows.caching import FileFingerprint
 from flows.reports import publish
 from flows.runtime import retry_unless_user_error
+from preprocessing.atomic import atomic_write_bytes
 from preprocessing.sharding import extracted_sources
 
 
@@ -82,8 +83,13 @@ def encode(work: str, checkpoint: str) -> float:
 def regroup(work: str, settings: DedupSettings, full: bool) -> dict:
     summary = group_items(Path(work), settings, full=full)
     out = dedup_dir(Path(work))
-    sheet = out / "collisions.png"
+    sheet, update = out / "collisions.png", out / "new_vs_existing.png"
     md = (out / "report.md").read_text().replace("\n![collisions](collisions.png)", "")
+    if update.exists():  # the stage report lives in WORK/reports: the figure goes there too
+        reports = Path(work) / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(reports / "dedup-new-vs-existing.png", update.read_bytes())
+        md = md.replace("](new_vs_existing.png)", "](dedup-new-vs-existing.png)")
     publish(Path(work), "dedup", md, sheet.read_bytes() if sheet.exists() else None)
     return summary
 

@@ -200,8 +200,6 @@ def evaluate_flow(
     run: str,
     settings: EvaluateSettings = EvaluateSettings(),
     checkpoint: str | None = None,
-    arithmetic: str | None = None,
-    expression: str | None = None,
     boxes: str | None = None,
 ) -> dict:
     """Evaluate a training run directory (`<work>/train/<run>`), its newest checkpoint unless one is given.
@@ -209,15 +207,13 @@ def evaluate_flow(
     Always: SWD, sample and latent-walk grids, memorisation, the numbered sample sheet and
     guided backpropagation. With their inputs: FID/KID (`settings.inception`: a local weights
     file), the CIFAR-10 and SVHN protocols, and, picked on the sample sheet of an earlier
-    evaluation, vector arithmetic (`arithmetic` + `expression`) and feature-map removal
+    evaluation, vector arithmetic (`settings.arithmetic` + `settings.expression`) and feature-map removal
     (`boxes`). Every input is checked before anything is written.
     """
     check_inputs(
         Path(run),
         settings,
         checkpoint=_checkpoint(checkpoint),
-        arithmetic=arithmetic,
-        expression=expression,
         boxes=Path(boxes) if boxes else None,
     )
     device = str(resolve_device(settings.device))
@@ -228,8 +224,8 @@ def evaluate_flow(
     metrics["guided_backprop"] = guided_backprop_task(run, checkpoint, s.guided_images)
     if s.inception is not None:
         metrics["fid"] = fid_task(run, checkpoint, s.inception, s.swd_images, device)
-    if arithmetic is not None:
-        metrics["arithmetic"] = arithmetic_task(run, checkpoint, arithmetic, expression)
+    if s.arithmetic is not None:
+        metrics["arithmetic"] = arithmetic_task(run, checkpoint, s.arithmetic, s.expression)
     if boxes is not None:
         metrics["feature_removal"] = removal_task(run, checkpoint, boxes)
     if s.cifar10 is not None:

@@ -24,10 +24,11 @@ from flows.dedup import dedup_flow
 from flows.evaluate import evaluate_flow
 from flows.lsun import check_lsun, lsun_extract_flow
 from flows.photos import faces_flow, ingest_flow
-from flows.reports import report_key
+from flows.reports import stage_markdown
 from flows.runners import check_runner
 from flows.shard import announce_new_version, shard_flow
 from flows.train import train_flow
+from preprocessing.atomic import atomic_write_bytes
 from preprocessing.demo_data import build_demo_lmdb
 from preprocessing.photo_stages import face_plan
 from preprocessing.photos import open_source
@@ -87,10 +88,8 @@ SOURCE_STAGES: dict[str, Callable[..., list[dict]]] = {"lsun": _lsun, "demo": _d
 @task
 def write_pipeline_report(work: str, names: list[str]) -> str:
     """`work/report.md`: the stage reports of this run only, in DAG order."""
-    reports = Path(work) / "reports"
-    parts = [(reports / f"{report_key(n)}.md").read_text() for n in names]
     path = Path(work) / "report.md"
-    path.write_text("\n\n".join(t.replace("](", "](reports/") for t in parts))
+    atomic_write_bytes(path, "\n\n".join(stage_markdown(Path(work), n) for n in names).encode())
     return str(path)
 
 

@@ -7,6 +7,8 @@ the file copy links a PNG saved next to it, so the report stays small and readab
 from __future__ import annotations
 
 import base64
+import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -43,6 +45,42 @@ def publish(work: Path, name: str, markdown: str, image: np.ndarray | bytes | No
     path = reports / f"{key}.md"
     atomic_write_bytes(path, file_md.encode())
     create_markdown_artifact(artifact_md, key=key, description=f"dcgan-pipeline: {name}")
+    return path
+
+
+def stage_markdown(work: Path, name: str) -> str:
+    """The file copy of a stage report, its image links made relative to `work` (for `work/report.md`)."""
+    text = (Path(work) / "reports" / f"{report_key(name)}.md").read_text()
+    return re.sub(r"\]\((?![a-z]+:|/)", "](reports/", text)
+
+
+def frozen_report(work: Path, label: str) -> str:
+    """`work/report.md` with its images copied to `reports/<label>/` and linked there.
+
+    A later run of the same stages rewrites their reports and images under the same names; the
+    frozen text keeps showing this run's figures.
+    """
+    work = Path(work)
+    folder = work / "reports" / label
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def relink(match: re.Match) -> str:
+        image = work / match.group(1)
+        if not image.is_file():
+            return match.group(0)
+        shutil.copyfile(image, folder / image.name)
+        return f"](reports/{label}/{image.name})"
+
+    return re.sub(r"\]\((reports/[^)/]+\.png)\)", relink, (work / "report.md").read_text())
+
+
+def write_combined_report(work: Path, title: str, parts: list[tuple[str, str]]) -> Path:
+    """`work/report.md` from (heading, markdown) parts, each part's own headings one level down."""
+    body = [f"# {title}\n"]
+    for heading, markdown in parts:
+        body.append(f"## {heading}\n\n" + re.sub(r"^(#+) ", r"##\1 ", markdown, flags=re.MULTILINE))
+    path = Path(work) / "report.md"
+    atomic_write_bytes(path, "\n\n".join(body).encode())
     return path
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SHARED
+from pydantic import ValidationError
 
 from dcgan.checkpoint import CheckpointError
 from dcgan.evaluation.cifar import EvaluationError, cifar10_protocol, load_labelled_images, seeded
@@ -192,7 +193,7 @@ def test_bad_input_leaves_no_evaluation_behind(prefect_api: None, tiny_run: Path
     result = CliRunner().invoke(app, ["evaluate", "--run", str(fresh), "--boxes", str(tmp_path / "boxes.json")])
     assert result.exit_code == 2 and "is empty" in result.output
     with pytest.raises(EvaluationError, match="out of range"):  # the flow checks too, for deployment runs
-        evaluate_flow(str(fresh), arithmetic="A=100", expression="A")
+        evaluate_flow(str(fresh), EvaluateSettings(arithmetic="A=100", expression="A"))
     assert not (tmp_path / "work" / "eval").exists()
 
 
@@ -560,7 +561,7 @@ def test_every_bad_input_is_rejected_before_anything_is_written(tiny_run: Path, 
         with pytest.raises((EvaluationError, CheckpointError), match=message):
             check_inputs(tiny_run, EvaluateSettings.model_construct(**paths), **inputs)
 
-    ok = check_inputs(tiny_run, EvaluateSettings(), arithmetic="A=1;B=2", expression="A-B")
+    ok = check_inputs(tiny_run, EvaluateSettings(arithmetic="A=1;B=2", expression="A-B"))
     assert ok.config["resolution"] == 32 and ok.arithmetic.terms == [(1, "A"), (-1, "B")] and ok.boxes is None
     cifar = tmp_path / "cifar"
     cifar.mkdir()
@@ -576,7 +577,8 @@ def test_every_bad_input_is_rejected_before_anything_is_written(tiny_run: Path, 
     rejects("test_32x32.mat lacks the official keys", svhn=svhn)
     (tmp_path / "boxes.json").write_text("")
     rejects("boxes file .* is empty", boxes=tmp_path / "boxes.json")
-    rejects("needs both", arithmetic="A=1")
+    with pytest.raises(ValidationError, match="needs both"):
+        EvaluateSettings(arithmetic="A=1")
     rejects("Inception weights not found", inception=tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match="holds no checkpoints"):
         check_inputs(tmp_path, EvaluateSettings())

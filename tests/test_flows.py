@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -158,5 +159,21 @@ def test_train_without_shards_exits_with_clear_error(tmp_path: Path) -> None:
 
 def test_shipped_demo_config_is_the_cli_demo() -> None:
     shipped = (ROOT / "configs" / "demo.yaml").read_text()
-    assert shipped == DEMO_CONFIG.format(work="work/demo", records=3000, steps=200)
+    assert shipped == DEMO_CONFIG.format(work="work/demo", records=3000, steps=400)
     assert load_config(ROOT / "configs" / "demo.yaml").sources[0].type == "demo"
+
+
+@pytest.mark.slow
+def test_demo_report_tells_both_batches_the_training_evaluation_and_retrain(prefect_api: None, tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--work", str(work), "--records", "300", "--grow", "120", "--steps", "2"])
+    assert result.exit_code == 0, result.output
+    report = (work / "report.md").read_text()
+    headings = [line for line in report.splitlines() if line.startswith("#")]
+    for title in ("## First batch", "### Training", "### Evaluation", "## Second batch", "## Retrain", "### Retrain"):
+        assert any(h.startswith(title) for h in headings), (title, headings)
+    assert report.count("### Near-duplicate removal") == 2 and report.count("### Shards") == 2
+    links = re.findall(r"\]\(([^)]+\.png)\)", report)
+    assert any("first-batch/" in link for link in links) and any("second-batch/" in link for link in links)
+    for link in links:
+        assert (work / link).is_file(), f"report.md links a missing image: {link}"

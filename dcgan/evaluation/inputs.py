@@ -34,8 +34,6 @@ def check_inputs(
     settings: EvaluateSettings,
     *,
     checkpoint: Path | None = None,
-    arithmetic: str | None = None,
-    expression: str | None = None,
     boxes: Path | None = None,
 ) -> CheckedInputs:
     """Raise a clear EvaluationError/CheckpointError for the first bad input; nothing is written."""
@@ -52,9 +50,7 @@ def check_inputs(
             check_svhn_mat(Path(svhn) / name)
     network = load_inception(Path(inception)).network if inception is not None else None
     spec = None
-    if (arithmetic is None) != (expression is None):
-        raise EvaluationError("vector arithmetic needs both the concepts (--arithmetic) and an --expression")
-    if arithmetic is not None:
-        spec = parse_arithmetic(arithmetic, expression, SHEET_SIZE)
+    if settings.arithmetic is not None:  # the settings model already requires the expression with it
+        spec = parse_arithmetic(settings.arithmetic, settings.expression, SHEET_SIZE)
     parsed_boxes = load_boxes(Path(boxes), cfg["resolution"], SHEET_SIZE) if boxes is not None else None
     return CheckedInputs(cfg, spec, parsed_boxes, network)
