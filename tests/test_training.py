@@ -14,6 +14,7 @@ import torch
 from dcgan.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dcgan.data import CachedImages, shard_urls
 from dcgan.launch import torchrun_command
+from dcgan.precision import use_bfloat16
 from dcgan.step import METRICS, StepOptions
 from dcgan.train import TrainConfig, Trainer, TrainingDiverged, train
 
@@ -152,7 +153,7 @@ def test_best_checkpoint_quality_log_tensorboard_events_and_progress_bar(
 def test_resume_from_a_cuda_style_checkpoint_on_cpu(shards_dir: Path, tmp_path: Path) -> None:
     """A checkpoint saved by a fused, capturable Adam resumes with this run's own Adam flags."""
     run = tmp_path / "r"
-    train(tiny(shards_dir, run, steps=2, checkpoint_every=2))
+    train(tiny(shards_dir, run, steps=2, checkpoint_every=2, fused_adam=False))
     path = list_checkpoints(run)[-1]
     state = load_checkpoint(path)
     for opt in ("optG", "optD"):
@@ -160,7 +161,7 @@ def test_resume_from_a_cuda_style_checkpoint_on_cpu(shards_dir: Path, tmp_path: 
             group.update(fused=True, capturable=True, foreach=None)
     path.unlink()
     save_checkpoint({k: v for k, v in state.items() if k != "format"}, run, 2, keep=3)
-    result = train(tiny(shards_dir, run, steps=4, checkpoint_every=2), resume=True)
+    result = train(tiny(shards_dir, run, steps=4, checkpoint_every=2, fused_adam=False), resume=True)
     groups = load_checkpoint(Path(result["checkpoint"]))["optD"]["param_groups"]
     assert result["steps"] == 4 and not groups[0]["fused"] and not groups[0]["capturable"]
 
@@ -267,5 +268,7 @@ def test_train_flow_runs_data_parallel_under_torchrun(prefect_api: None, shards_
     shutil.copytree(shards_dir, work / "shards")
     settings = TrainSettings(steps=2, resolution=32, batch_size=8, device="cpu", ngf=8, ndf=8, nproc_per_node=2)
     r = train_flow(str(work), settings, run="ddp")
-    assert r["world_size"] == 2 and r["steps"] == 2 and r["step_path"] == "fp32, eager"
+    low = use_bfloat16("auto", "cpu")  # each rank makes the same timed decision as this process
+    path = "bfloat16 autocast, channels_last, fused Adam, eager" if low else "fp32, fused Adam, eager"
+    assert r["world_size"] == 2 and r["steps"] == 2 and r["step_path"] == path
     assert (work / "reports" / "train-ddp.md").read_text().count("8 x 2") == 1
