@@ -5,24 +5,31 @@ noise and the torch RNG states, as plain tensors and Python containers only. Fil
 written to a temporary name and renamed, so a crash never leaves a truncated checkpoint.
 The trainer keeps the bytes of the last good checkpoint in memory: a NaN rolls back to
 exactly what is on disk. `best.pt` (with `best.json`) sits beside the numbered files and
-is never pruned.
+is never pruned. `checkpoints/sha256.json` holds the sha256 of every checkpoint there, taken
+from the bytes as they are written (no second read), for `dcgan-pipeline verify --data`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from preprocessing.atomic import atomic_write_bytes
+from preprocessing.atomic import atomic_write_bytes, atomic_write_json
 from preprocessing.errors import UserError
+
+log = logging.getLogger(__name__)
 
 FORMAT = "dcgan-pipeline-checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8})\.pt$")
 BEST = "best.pt"
+CHECKSUMS = "sha256.json"
 
 
 class CheckpointError(UserError):
@@ -54,7 +61,32 @@ def write_checkpoint(data: bytes, run_dir: Path, step: int, keep: int) -> Path:
     atomic_write_bytes(path, data)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
+    record_checksum(path, data)
     return path
+
+
+def record_checksum(path: Path, data: bytes) -> None:
+    """Record the sha256 of `data`, just written to `path`, in its folder's sha256.json (pruned files dropped)."""
+    index = path.parent / CHECKSUMS
+    try:
+        sums = read_checksums(path.parent)
+    except CheckpointError as exc:
+        log.warning("%s: starting it anew", exc)
+        sums = {}
+    sums[path.name] = hashlib.sha256(data).hexdigest()
+    atomic_write_json(index, {name: sha for name, sha in sums.items() if (path.parent / name).exists()})
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """checkpoint name -> sha256, as written with each checkpoint ({} before any was recorded)."""
+    index = Path(folder) / CHECKSUMS
+    if not index.exists():
+        return {}
+    try:
+        sums = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{index} is damaged ({exc}); it is rewritten with the next checkpoint") from None
+    return sums if isinstance(sums, dict) else {}
 
 
 def save_checkpoint(state: dict[str, Any], run_dir: Path, step: int, keep: int) -> Path:

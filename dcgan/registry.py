@@ -6,9 +6,7 @@ trained on, its settings and its metrics on the fixed comparison protocol
 history of every promotion, automatic or manual, with who, when and why. Writes are atomic
 and serialised by a short lock, so a manual promotion and a retrain never lose each other's
 update; a registry file that cannot be read is an error and is never overwritten.
-
-`retrain_lock` is the long-held lock that keeps two retrains of one work directory from
-running at once.
+(A retrain holds the long lock `<work>/locks/retrain.lock`: see preprocessing.locks.)
 """
 
 from __future__ import annotations
@@ -17,9 +15,7 @@ import fcntl
 import json
 import logging
 import math
-import os
 import re
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -293,52 +289,3 @@ def promote(work: Path, run: str, who: str, why: str) -> Registry:
         registry.champion = run
     log.info("%s promoted %s by hand: %s", who, run, why)
     return registry
-
-
-@contextmanager
-def retrain_lock(work: Path) -> Iterator[Path]:
-    """Hold `<work>/models/retrain.lock` for the length of a retrain; a second holder is refused at once.
-
-    The exclusion is an `flock` on the file, which the kernel drops when its holder dies, so a
-    crashed retrain never blocks the next. The file names the holder (pid, host, start time)
-    for the refusal message; a name left behind by a dead holder is taken over and logged.
-    The file is emptied, not deleted, on release: deleting it would let a waiter lock a
-    stale inode while a newcomer locks a new one.
-    """
-    path = Path(work) / "models" / "retrain.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(path)
-            raise RegistryError(
-                f"another retrain is running (pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-                f"since {holder.get('since', '?')}); {path} is locked"
-            ) from None
-        stale = _read_holder(path)
-        if stale:
-            log.warning(
-                "taking over the stale retrain lock %s of pid %s on %s (since %s): that retrain died holding it",
-                path,
-                stale.get("pid"),
-                stale.get("host"),
-                stale.get("since"),
-            )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}).encode(), 0)
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # releases the flock
-
-
-def _read_holder(path: Path) -> dict:
-    try:
-        holder = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return {}
-    return holder if isinstance(holder, dict) else {}

@@ -38,9 +38,10 @@ from dcgan.checkpoint import (
     encode_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    record_checksum,
     write_checkpoint,
 )
-from dcgan.data import CachedImages, DataError, shard_urls, stream_batches
+from dcgan.data import CachedImages, DataError, shard_checksums, shard_urls, stream_batches
 from dcgan.distributed import World, all_mean, device_for, init_process_group, replicas_in_sync, world_from_env
 from dcgan.evaluation.quality import generate, prior_noise, real_images, sliced_wasserstein_distance
 from dcgan.models import Generator, build_discriminator, init_weights
@@ -283,7 +284,7 @@ def _open_data(trainer: Trainer) -> tuple[Callable[[int], torch.Tensor], int]:
             where = device if need < free // 2 else where
             if where.type == "cpu":
                 log.warning("a %.1f GB cache exceeds half the free GPU memory: keeping it in host RAM", need / 1e9)
-        cache = CachedImages(urls, total, cfg.seed, where)
+        cache = CachedImages(urls, total, cfg.seed, where, checksums=shard_checksums(Path(cfg.shards)))
         log.info("decoded %d images into a %.1f MB cache on %s", len(cache), need / 1e6, where)
         rank, size = world.rank, world.size
         return lambda step: cache.batch(step, cfg.batch_size, rank, size).to(device, non_blocking=True), total
@@ -321,6 +322,7 @@ class BestKeeper:
         if self.best is None or swd < self.best["swd"]:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.folder / BEST, data)
+            record_checksum(self.folder / BEST, data)
             atomic_write_json(self.folder / "best.json", row)
             self.best = row
         return row

@@ -25,7 +25,6 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from dedup.autoencoder import (
@@ -42,13 +41,14 @@ from dedup.settings import DedupSettings
 from dedup.verify import verify_pairs
 from preprocessing.atomic import atomic_write_with
 from preprocessing.errors import UserError
-from preprocessing.extraction import part_stem
+from preprocessing.extraction import part_stem, refresh_hint
 from preprocessing.images import SAMPLE_EXT, decode_ppm
 from preprocessing.manifest import write_table
 from preprocessing.markdown import table
 from preprocessing.preview import tile
-from preprocessing.sharding import extracted_sources
+from preprocessing.sharding import DEDUP_REPAIR, extracted_sources
 from preprocessing.stamps import stamp
+from preprocessing.state import DamagedStateError, load_npy, read_parquet, read_parquet_metadata
 from preprocessing.tar_shards import index_tar, read_member
 
 log = logging.getLogger(__name__)
@@ -102,10 +102,11 @@ def collect_crops(work: Path, *, full: bool = False) -> int:
     inputs = stamp([src / "manifest.parquet" for src in sources])
     if not full and _recorded(out / "items.parquet") == inputs and (out / "crops32.npy").exists():
         log.info("dedup: crops are up to date")
-        return pq.read_metadata(out / "items.parquet").num_rows
+        return read_parquet_metadata(out / "items.parquet", repair(work, "items.parquet")).num_rows
     wanted: dict[tuple[str, str], dict] = {}
     for src in sources:
-        manifest = pq.read_table(src / "manifest.parquet", columns=["key", "status", "width", "height", "part"])
+        columns = ["key", "status", "width", "height", "part"]
+        manifest = read_parquet(src / "manifest.parquet", refresh_hint(src), columns=columns)
         for r in manifest.filter(pc.equal(manifest["status"], "ok")).to_pylist():
             wanted[(src.name, r["key"])] = r
     old = None if full else _reusable_items(work, wanted)
@@ -172,7 +173,7 @@ def _reusable_items(work: Path, wanted: dict[tuple[str, str], dict]) -> pa.Table
     path = dedup_dir(work) / "items.parquet"
     if not path.exists() or not (dedup_dir(work) / "crops32.npy").exists():
         return None
-    items = pq.read_table(path)
+    items = read_parquet(path, repair(work, path.name))
     meta = items.schema.metadata or {}
     if "tar" not in items.column_names or b"tars" not in meta:
         return None  # collected by an older version: collect again
@@ -194,12 +195,31 @@ def _recorded(path: Path, key: str = "inputs") -> str | None:
     """A value this stage recorded in a Parquet file's metadata (None when the file or the key is missing)."""
     if not path.exists():
         return None
-    meta = pq.read_schema(path).metadata or {}
+    meta = read_parquet_metadata(path, repair(path.parents[1], path.name)).schema.to_arrow_schema().metadata or {}
     return meta.get(key.encode(), b"").decode() or None
 
 
+DERIVED = ("items.parquet", "crops32.npy", "hashes.parquet", "thumbs16.npy")  # rebuilt from the extraction
+
+
+def repair(work: Path, name: str) -> str:
+    """How to repair a damaged dedup file: derived ones are rebuilt; the hash and the groups only by a full re-dedup."""
+    if name in DERIVED:
+        return (
+            f"delete it and rerun dcgan-pipeline dedup --work {work} (it is rebuilt from the extraction; "
+            "the keep flags of codes.parquet stay)"
+        )
+    return DEDUP_REPAIR.format(work=work)
+
+
+def clear_for_refresh(work: Path) -> None:
+    """A full re-dedup starts from the extraction: the derived files and groups go first (damaged or not)."""
+    for name in (*DERIVED, "codes.parquet"):
+        (dedup_dir(work) / name).unlink(missing_ok=True)
+
+
 def load_crops(work: Path) -> np.ndarray:
-    return np.load(dedup_dir(work) / "crops32.npy", mmap_mode="r")
+    return load_npy(dedup_dir(work) / "crops32.npy", repair(work, "crops32.npy"))
 
 
 def autoencoder_config(settings: DedupSettings) -> AEConfig:
@@ -230,7 +250,9 @@ def prepare_autoencoder(work: Path, settings: DedupSettings, *, retrain: bool = 
     if path.exists() and not (retrain or settings.retrain_autoencoder):
         try:
             _, ckpt = load_autoencoder(path)
-        except AutoencoderError:
+        except AutoencoderError as exc:
+            if (dedup_dir(work) / "codes.parquet").exists():  # a new hash would silently regroup every kept item
+                raise DamagedStateError(f"{exc} -> {repair(work, path.name)}") from None
             ckpt = {}
         if ckpt.get("config") == asdict(cfg):
             log.info("dedup: reusing the trained autoencoder (trained on %s items)", ckpt["info"].get("items", "?"))
@@ -242,7 +264,7 @@ def prepare_autoencoder(work: Path, settings: DedupSettings, *, retrain: bool = 
 
 
 def load_thumbs(work: Path) -> np.ndarray:
-    return np.load(dedup_dir(work) / "thumbs16.npy", mmap_mode="r")
+    return load_npy(dedup_dir(work) / "thumbs16.npy", repair(work, "thumbs16.npy"))
 
 
 def encode_items(work: Path, checkpoint: Path | None = None) -> float:
@@ -258,9 +280,9 @@ def encode_items(work: Path, checkpoint: Path | None = None) -> float:
     fresh = _recorded(out) == inputs and _recorded(out, "format") == HASHES_FORMAT
     if fresh and (dedup_dir(work) / "thumbs16.npy").exists():
         log.info("dedup: codes are up to date")
-        return float(pq.read_schema(out).metadata[b"items_per_s"])
+        return float(_recorded(out, "items_per_s") or 0.0)
     crops = load_crops(work)
-    items = pq.read_table(dedup_dir(work) / "items.parquet")
+    items = read_parquet(dedup_dir(work) / "items.parquet", repair(work, "items.parquet"))
     content: list[bytes] = []
 
     def write_thumbs(tmp: Path) -> None:
@@ -291,7 +313,7 @@ def _reusable_prefix(hashes: Path, model: str, items: pa.Table, content: list[by
     """The codes of the leading rows of `hashes` that are the same items with the same crops, by the same model."""
     if _recorded(hashes, "model") != model:
         return []
-    old = pq.read_table(hashes, columns=["key", "source", "content", "code"])
+    old = read_parquet(hashes, repair(hashes.parents[1], hashes.name), columns=["key", "source", "content", "code"])
     n = min(old.num_rows, items.num_rows)
     same = (np.array(old["key"].to_pylist()[:n]) == np.array(items["key"].to_pylist()[:n])) & (
         np.array(old["source"].to_pylist()[:n]) == np.array(items["source"].to_pylist()[:n])
@@ -316,7 +338,7 @@ def group_items(work: Path, settings: DedupSettings, *, full: bool = False) -> d
     among themselves: a new item that duplicates a kept one is not kept. `full` regroups
     everything; so does a codes.parquet written by an older version (logged, and said in the report).
     """
-    hashes = pq.read_table(dedup_dir(work) / "hashes.parquet")
+    hashes = read_parquet(dedup_dir(work) / "hashes.parquet", repair(work, "hashes.parquet"))
     if _recorded(dedup_dir(work) / "hashes.parquet", "format") != HASHES_FORMAT:
         raise DedupError(f"{dedup_dir(work) / 'hashes.parquet'} was written by an older version: rerun the dedup stage")
     n = hashes.num_rows
@@ -399,7 +421,7 @@ def _grouped_prefix(work: Path, hashes: pa.Table, settings: DedupSettings) -> tu
     if _recorded(path, "format") != CODES_FORMAT:
         log.warning("dedup: %s was written by an older version: regrouping every item", path)
         return None, True
-    prev = pq.read_table(path)
+    prev = read_parquet(path, repair(work, path.name))
     meta = prev.schema.metadata or {}
     if meta.get(b"grouping", b"").decode() != grouping_settings(settings) or prev.num_rows > hashes.num_rows:
         return None, False

@@ -21,6 +21,7 @@ from dcgan.settings import EvaluateSettings, RetrainSettings, TrainSettings
 from dedup.settings import DedupSettings
 from flows.options import with_settings
 from preprocessing.errors import UserError
+from preprocessing.locks import LockSettings
 from preprocessing.settings import (
     FacesSettings,
     IngestSettings,
@@ -154,10 +155,12 @@ def demo(
 @app.command()
 @user_errors
 @with_settings(LsunSettings, "LSUN settings")
+@with_settings(LockSettings, "lock settings", param="lock")
 def lsun(
     db: Annotated[list[Path], typer.Option(help="LSUN <category>_<split>_lmdb directory; repeatable")],
     work: Work,
     settings: LsunSettings,
+    lock: LockSettings,
     name: Annotated[list[str] | None, typer.Option(help="source name per --db (default: directory name)")] = None,
     refresh: Refresh = False,
     dask: Dask = None,
@@ -169,17 +172,19 @@ def lsun(
     dbs = [str(p) for p in db]
     check_lsun(dbs, name)  # fail before a Prefect API is even started
     runner = runner_from(dask, dask_workers)
-    for r in lsun_extract_flow(dbs, str(work), settings, names=name, refresh=refresh, runner=runner):
+    for r in lsun_extract_flow(dbs, str(work), settings, names=name, refresh=refresh, runner=runner, lock=lock):
         typer.echo(f"{r['source']}: {r['ok']} ok, {r['total'] - r['ok']} rejected -> {r['out_dir']}")
 
 
 @app.command()
 @user_errors
 @with_settings(FacesSettings, "faces settings")
+@with_settings(LockSettings, "lock settings", param="lock")
 def faces(
     photos: Annotated[Path, typer.Option(help="folder tree, tar of photos, or Parquet table with key + image")],
     work: Work,
     settings: FacesSettings,
+    lock: LockSettings,
     name: Annotated[str | None, typer.Option(help="source name (default: faces_<file or folder name>)")] = None,
     refresh: Refresh = False,
     dask: Dask = None,
@@ -193,17 +198,19 @@ def faces(
     open_source(photos)
     face_plan(settings)  # the detector and its model file load
     runner = runner_from(dask, dask_workers)
-    r = faces_flow(str(photos), str(work), settings, name=name, refresh=refresh, runner=runner)
+    r = faces_flow(str(photos), str(work), settings, name=name, refresh=refresh, runner=runner, lock=lock)
     typer.echo(f"{r['source']}: {r['photos']} photos -> {r['ok']} face crops -> {r['out_dir']}")
 
 
 @app.command()
 @user_errors
 @with_settings(IngestSettings, "ingest settings")
+@with_settings(LockSettings, "lock settings", param="lock")
 def ingest(
     images: Annotated[Path, typer.Option(help="folder tree (class subfolders) or Parquet table with key + image")],
     work: Work,
     settings: IngestSettings,
+    lock: LockSettings,
     name: Annotated[str | None, typer.Option(help="source name (default: images_<file or folder name>)")] = None,
     refresh: Refresh = False,
     dask: Dask = None,
@@ -215,19 +222,20 @@ def ingest(
 
     open_source(images)
     runner = runner_from(dask, dask_workers)
-    r = ingest_flow(str(images), str(work), settings, name=name, refresh=refresh, runner=runner)
+    r = ingest_flow(str(images), str(work), settings, name=name, refresh=refresh, runner=runner, lock=lock)
     typer.echo(f"{r['source']}: {r['photos']} images -> {r['ok']} crops -> {r['out_dir']}")
 
 
 @app.command()
 @user_errors
 @with_settings(DedupSettings, "dedup settings")
-def dedup(work: Work, settings: DedupSettings, refresh: Refresh = False) -> None:
+@with_settings(LockSettings, "lock settings", param="lock")
+def dedup(work: Work, settings: DedupSettings, lock: LockSettings, refresh: Refresh = False) -> None:
     """Flag near duplicates across every extracted source with the paper's autoencoder hash."""
     from flows.dedup import check_dedup, dedup_flow
 
     check_dedup(str(work), settings)
-    r = dedup_flow(str(work), settings, refresh=refresh)
+    r = dedup_flow(str(work), settings, refresh=refresh, lock=lock)
     typer.echo(
         f"{r['items']} items in {r['groups']} groups: {r['removed']} near duplicates flagged "
         f"(report: {work / 'dedup' / 'report.md'})"
@@ -237,20 +245,23 @@ def dedup(work: Work, settings: DedupSettings, refresh: Refresh = False) -> None
 @app.command()
 @user_errors
 @with_settings(ShardSettings, "shard settings")
-def shard(work: Work, settings: ShardSettings, refresh: Refresh = False) -> None:
+@with_settings(LockSettings, "lock settings", param="lock")
+def shard(work: Work, settings: ShardSettings, lock: LockSettings, refresh: Refresh = False) -> None:
     """Write the final shuffled WebDataset shards to WORK/shards/."""
     from flows.shard import shard_flow
 
-    r = shard_flow(str(work), settings, refresh=refresh)
+    r = shard_flow(str(work), settings, refresh=refresh, lock=lock)
     typer.echo(f"{r['total']} samples in {r['count']} shards -> {r['shards']}")
 
 
 @app.command()
 @user_errors
 @with_settings(TrainSettings, "training settings")
+@with_settings(LockSettings, "lock settings", param="lock")
 def train(
     work: Work,
     settings: TrainSettings,
+    lock: LockSettings,
     run: Annotated[str | None, typer.Option(help="run name under WORK/train (default: new timestamp)")] = None,
     resume: Annotated[bool, typer.Option(help="continue the named (or newest) run from its checkpoint")] = False,
 ) -> None:
@@ -258,7 +269,7 @@ def train(
     from flows.train import check_train, train_flow
 
     check_train(str(work), settings)
-    r = train_flow(str(work), settings, run=run, resume=resume)
+    r = train_flow(str(work), settings, run=run, resume=resume, lock=lock)
     typer.echo(f"trained to step {r['steps']} on {r['device']} x{r['world_size']} ({r['step_path']})")
     typer.echo(f"  samples:    {r['samples']}")
     typer.echo(f"  checkpoint: {r['checkpoint']}")
@@ -313,9 +324,11 @@ def evaluate(
 @app.command()
 @user_errors
 @with_settings(RetrainSettings, "retrain settings")
+@with_settings(LockSettings, "lock settings", param="lock")
 def retrain(
     work: Work,
     settings: RetrainSettings,
+    lock: LockSettings,
     force: Annotated[bool, typer.Option(help="train a challenger even if the champion saw these shards")] = False,
 ) -> None:
     """Train a challenger on grown shards; promote it only if it beats the champion on the fixed protocol.
@@ -324,7 +337,7 @@ def retrain(
     """
     from flows.retrain import retrain_flow
 
-    r = retrain_flow(str(work), settings, force=force)
+    r = retrain_flow(str(work), settings, force=force, lock=lock)
     typer.echo(f"retrain: {r['decision']}: {r['reason']}")
 
 
@@ -411,6 +424,36 @@ def export(
     typer.echo(
         f"{r['format']} generator -> {r['path']} (z: {r['nz']}-d {r['noise']}, max |diff| {r['max_abs_diff']:.2g})"
     )
+
+
+@app.command()
+@user_errors
+def verify(
+    work: Work,
+    data: Annotated[bool, typer.Option(help="also read every file whose sha256 was recorded, and compare")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
+) -> None:
+    """Check that a work directory is whole, changing nothing: one line per problem with the command that repairs it.
+
+    Every Parquet and JSON index parses; every input is in its manifest once, every ok item in
+    dedup's codes once, every kept item in the shards once, and samples.parquet agrees with the
+    index; every file an index names exists; every registered run's checkpoint loads. With
+    --data, the staging tars, shard tars and checkpoints are read and their sha256 compared, and
+    every tar's members with its index. Exit status 0: whole; 2: not whole.
+    """
+    import json
+
+    from flows.verify import verify_work
+    from preprocessing.integrity import summary_lines
+
+    found = verify_work(work, data)
+    if json_out:
+        typer.echo(json.dumps(found.as_dict(), indent=2))
+    else:
+        for line in summary_lines(found, work, data):
+            typer.echo(line)
+    if found.problems:
+        raise typer.Exit(2)
 
 
 @app.command("run")

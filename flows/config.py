@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from dcgan.settings import EvaluateSettings, TrainSettings
 from dedup.settings import DedupSettings
+from preprocessing.locks import LockSettings
 from preprocessing.settings import (
     ExistingPath,
     FacesSettings,
@@ -88,6 +89,7 @@ class PipelineConfig(Settings):
     shard: ShardSettings = ShardSettings()
     train: PipelineTrain = PipelineTrain()
     evaluate: PipelineEvaluate = PipelineEvaluate()
+    lock: LockSettings = Field(LockSettings(), description="what each stage does while another writer holds its files")
 
     @model_validator(mode="before")
     @classmethod

@@ -13,11 +13,20 @@ from prefect.cache_policies import NO_CACHE
 
 from dcgan.train import resolve_device
 from dedup.settings import DedupSettings
-from dedup.stage import DedupError, collect_crops, dedup_dir, encode_items, group_items, prepare_autoencoder
+from dedup.stage import (
+    DedupError,
+    clear_for_refresh,
+    collect_crops,
+    dedup_dir,
+    encode_items,
+    group_items,
+    prepare_autoencoder,
+)
 from flows.caching import FileFingerprint
 from flows.reports import publish
-from flows.runtime import retry_unless_user_error
+from flows.runtime import retry_unless_user_error, stage_lock
 from preprocessing.atomic import atomic_write_bytes
+from preprocessing.locks import LockSettings
 from preprocessing.sharding import extracted_sources
 
 
@@ -95,19 +104,25 @@ def regroup(work: str, settings: DedupSettings, full: bool) -> dict:
 
 
 @flow(name="dedup")
-def dedup_flow(work: str, settings: DedupSettings = DedupSettings(), refresh: bool = False) -> dict:
+def dedup_flow(
+    work: str, settings: DedupSettings = DedupSettings(), refresh: bool = False, lock: LockSettings = LockSettings()
+) -> dict:
     """Hash every extracted item with the paper's autoencoder and flag near duplicates.
 
     A work directory that grew is deduplicated incrementally: the trained hash is reused, only new
     items are encoded, and they are grouped against the items kept before, which stay kept.
     `settings.autoencoder` loads a trained checkpoint instead of training one; `refresh` redoes
-    every step from scratch (a full re-dedup: kept items may change).
+    every step from scratch (a full re-dedup: kept items may change). Another dedup of this work
+    directory makes it wait (or fail, with `lock.wait` off).
     """
     check_dedup(work, settings)
-    opts = {"refresh_cache": True} if refresh else {}
-    collect.with_options(**opts)(work, refresh)
-    fit_task = fit if settings.autoencoder is None else fit.with_options(cache_policy=NO_CACHE)
-    checkpoint, info = fit_task.with_options(**opts)(work, settings, refresh)
-    rate = encode.with_options(**opts)(work, checkpoint)
-    summary = regroup.with_options(**opts)(work, settings, refresh)
+    with stage_lock(work, "dedup", "dedup", lock):
+        if refresh:
+            clear_for_refresh(Path(work))
+        opts = {"refresh_cache": True} if refresh else {}
+        collect.with_options(**opts)(work, refresh)
+        fit_task = fit if settings.autoencoder is None else fit.with_options(cache_policy=NO_CACHE)
+        checkpoint, info = fit_task.with_options(**opts)(work, settings, refresh)
+        rate = encode.with_options(**opts)(work, checkpoint)
+        summary = regroup.with_options(**opts)(work, settings, refresh)
     return {**summary, "hash_items_per_s": rate, "autoencoder": checkpoint, "training": info}

@@ -12,8 +12,9 @@ from prefect import flow, get_run_logger, task, unmapped
 from flows.caching import PART_TASK
 from flows.reports import part_totals, publish, rejects_section
 from flows.runners import check_runner, task_runner
-from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
+from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error, stage_lock
 from preprocessing.extraction import ExtractionPlan, manifest_counts, merge_manifests, summarize_plan
+from preprocessing.locks import LockSettings
 from preprocessing.lsun import LsunError, LsunKind, extract_partition, prepare_extraction, resolve_db, source_name
 from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
@@ -105,11 +106,13 @@ def lsun_extract_flow(
     names: list[str] | None = None,
     refresh: bool = False,
     runner: RunnerSettings = RunnerSettings(),
+    lock: LockSettings = LockSettings(),
 ) -> list[dict]:
     """Extract center crops from LSUN LMDBs into `work/extract/<source>/`; a rerun extracts only new keys.
 
     Parts run on `runner`: a process pool of one worker per core (the default;
-    PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS overrides) or a Dask cluster.
+    PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS overrides) or a Dask cluster. Each source is
+    written under its lock: another writer of it makes this wait (or fail, with `lock.wait` off).
     """
     check_lsun(db, names)
     check_runner(runner, db, work)
@@ -117,9 +120,11 @@ def lsun_extract_flow(
     get_run_logger().info("parts run on the %s", runner.describe())
     results = []
     for i, path in enumerate(db):
-        out_dir, plan = plan_lsun(path, work, settings, names[i] if names else None, refresh)
-        t0 = time.perf_counter()
-        with api_shared_with_subprocesses():
-            summaries = parts_flow(plan["todo"], out_dir, settings, refresh) if plan["todo"] else []
-        results.append(merge_lsun(out_dir, path, settings, plan, summaries, time.perf_counter() - t0))
+        name = names[i] if names else source_name(resolve_db(path))
+        with stage_lock(work, f"extract-{name}", f"extraction of {name}", lock):
+            out_dir, plan = plan_lsun(path, work, settings, name, refresh)
+            t0 = time.perf_counter()
+            with api_shared_with_subprocesses():
+                summaries = parts_flow(plan["todo"], out_dir, settings, refresh) if plan["todo"] else []
+            results.append(merge_lsun(out_dir, path, settings, plan, summaries, time.perf_counter() - t0))
     return results

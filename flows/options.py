@@ -29,12 +29,18 @@ def _option(name: str, field: Any) -> inspect.Parameter:
     )
 
 
-def with_settings(model: type[BaseModel], where: str | None = None) -> Callable[[Callable[..., Any]], Callable]:
-    """Decorate a command taking `settings: model`; the CLI gets one option per field instead."""
+def with_settings(
+    model: type[BaseModel], where: str | None = None, param: str = "settings"
+) -> Callable[[Callable[..., Any]], Callable]:
+    """Decorate a command taking `<param>: model`; the CLI gets one option per field instead.
+
+    Stacks: `@with_settings(A)` over `@with_settings(LockSettings, param="lock")` fills both.
+    """
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         own = inspect.signature(command, eval_str=True)
-        hints = {n: p.annotation for n, p in own.parameters.items() if n != "settings"}
+        inner = _CONTEXT in own.parameters  # another with_settings below: it needs the context too
+        hints = {n: p.annotation for n, p in own.parameters.items() if n not in (param, _CONTEXT)}
         fields = [_option(n, f) for n, f in model.model_fields.items()]
         clash = set(hints) & set(model.model_fields)
         if clash:
@@ -42,14 +48,14 @@ def with_settings(model: type[BaseModel], where: str | None = None) -> Callable[
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            ctx = kwargs.pop(_CONTEXT)
+            ctx = kwargs[_CONTEXT] if inner else kwargs.pop(_CONTEXT)
             values = {n: kwargs.pop(n) for n in model.model_fields}
             # only the options given on the command line count as set (model_fields_set), as in a YAML section
             given = {n: v for n, v in values.items() if ctx.get_parameter_source(n).name != "DEFAULT"}
             settings = parse_settings(model, given, where or f"{command.__name__} settings")
-            return command(**kwargs, settings=settings)
+            return command(**kwargs, **{param: settings})
 
-        params = [p for n, p in own.parameters.items() if n != "settings"]
+        params = [p for n, p in own.parameters.items() if n not in (param, _CONTEXT)]
         context = inspect.Parameter(_CONTEXT, inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
         wrapper.__signature__ = own.replace(parameters=[*params, *fields, context])  # type: ignore[attr-defined]
         wrapper.__annotations__ = {**hints, **{p.name: p.annotation for p in fields}, _CONTEXT: typer.Context}

@@ -13,8 +13,9 @@ from prefect import flow, get_run_logger, task, unmapped
 from flows.caching import PART_TASK
 from flows.reports import part_totals, publish, rejects_section
 from flows.runners import check_runner, task_runner
-from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error
+from flows.runtime import api_shared_with_subprocesses, retry_unless_user_error, stage_lock
 from preprocessing.extraction import ExtractionPlan, manifest_counts, summarize_plan
+from preprocessing.locks import LockSettings
 from preprocessing.markdown import table
 from preprocessing.photo_stages import merge_photo_manifests, prepare_photo_stage, run_photo_part
 from preprocessing.photos import open_source
@@ -107,17 +108,19 @@ def _run_stage(
     refresh: bool,
     title: str,
     runner: RunnerSettings,
+    lock: LockSettings,
 ) -> dict:
     open_source(photos)  # a clear error for a missing or unreadable collection, before any work
     model = [settings.model] if isinstance(settings, FacesSettings) and settings.model else []  # the YuNet file
     check_runner(runner, [photos, *model], work)
-    out_dir, plan = plan_photos(photos, work, name, settings, refresh)
-    t0 = time.perf_counter()
-    with api_shared_with_subprocesses():
-        parts_flow = photo_parts.with_options(task_runner=task_runner(runner))
-        get_run_logger().info("parts run on the %s", runner.describe())
-        summaries = parts_flow(out_dir, plan["todo"], refresh) if plan["todo"] else []
-    return merge_photos(out_dir, plan, summaries, time.perf_counter() - t0, title)
+    with stage_lock(work, f"extract-{name}", f"extraction of {name}", lock):
+        out_dir, plan = plan_photos(photos, work, name, settings, refresh)
+        t0 = time.perf_counter()
+        with api_shared_with_subprocesses():
+            parts_flow = photo_parts.with_options(task_runner=task_runner(runner))
+            get_run_logger().info("parts run on the %s", runner.describe())
+            summaries = parts_flow(out_dir, plan["todo"], refresh) if plan["todo"] else []
+        return merge_photos(out_dir, plan, summaries, time.perf_counter() - t0, title)
 
 
 @flow(name="faces")
@@ -128,12 +131,15 @@ def faces_flow(
     name: str | None = None,
     refresh: bool = False,
     runner: RunnerSettings = RunnerSettings(),
+    lock: LockSettings = LockSettings(),
 ) -> dict:
     """Detect faces in a folder, tar or Parquet table of photos; keep square crops of faces >= min_face px.
 
-    Parts run on `runner` (a local process pool, or a Dask cluster).
+    Parts run on `runner` (a local process pool, or a Dask cluster). Another writer of this
+    source makes it wait, or fail with `lock.wait` off.
     """
-    return _run_stage(photos, work, name or default_name(photos, "faces"), settings, refresh, "Faces", runner)
+    name = name or default_name(photos, "faces")
+    return _run_stage(photos, work, name, settings, refresh, "Faces", runner, lock)
 
 
 @flow(name="ingest")
@@ -144,6 +150,8 @@ def ingest_flow(
     name: str | None = None,
     refresh: bool = False,
     runner: RunnerSettings = RunnerSettings(),
+    lock: LockSettings = LockSettings(),
 ) -> dict:
     """Min-resize + center-crop a folder tree (class subfolders = labels) or image table, parts on `runner`."""
-    return _run_stage(images, work, name or default_name(images, "images"), settings, refresh, "Ingestion", runner)
+    name = name or default_name(images, "images")
+    return _run_stage(images, work, name, settings, refresh, "Ingestion", runner, lock)

@@ -63,22 +63,30 @@ def build_demo_source(work: str, records: int, seed: int) -> str:
 
 def _lsun(cfg: PipelineConfig, src: LsunSource, refresh: bool) -> list[dict]:
     names = [src.name] if src.name else None
-    return lsun_extract_flow([src.db], cfg.work, cfg.extract, names=names, refresh=refresh, runner=cfg.runner)
+    return lsun_extract_flow(
+        [src.db], cfg.work, cfg.extract, names=names, refresh=refresh, runner=cfg.runner, lock=cfg.lock
+    )
 
 
 def _demo(cfg: PipelineConfig, src: DemoSource, refresh: bool) -> list[dict]:
     db = build_demo_source(cfg.work, src.records, src.seed)
-    return lsun_extract_flow([db], cfg.work, cfg.extract, names=["demo"], refresh=refresh, runner=cfg.runner)
+    return lsun_extract_flow(
+        [db], cfg.work, cfg.extract, names=["demo"], refresh=refresh, runner=cfg.runner, lock=cfg.lock
+    )
 
 
 def _faces(cfg: PipelineConfig, src: FacesSource, refresh: bool) -> list[dict]:
     settings = stage_settings(FacesSettings, src)
-    return [faces_flow(src.photos, cfg.work, settings, name=src.name, refresh=refresh, runner=cfg.runner)]
+    return [
+        faces_flow(src.photos, cfg.work, settings, name=src.name, refresh=refresh, runner=cfg.runner, lock=cfg.lock)
+    ]
 
 
 def _images(cfg: PipelineConfig, src: ImagesSource, refresh: bool) -> list[dict]:
     settings = stage_settings(IngestSettings, src)
-    return [ingest_flow(src.images, cfg.work, settings, name=src.name, refresh=refresh, runner=cfg.runner)]
+    return [
+        ingest_flow(src.images, cfg.work, settings, name=src.name, refresh=refresh, runner=cfg.runner, lock=cfg.lock)
+    ]
 
 
 # Source type -> the stage that extracts it (a new kind of source is one entry here and one model in config.py).
@@ -105,14 +113,15 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
     reports = [f"extract-{r['source']}" for r in extracted]
     deduped = None
     if cfg.dedup.enabled:
-        deduped = dedup_flow(cfg.work, stage_settings(DedupSettings, cfg.dedup), refresh="dedup" in refresh)
+        dedup_settings = stage_settings(DedupSettings, cfg.dedup)
+        deduped = dedup_flow(cfg.work, dedup_settings, refresh="dedup" in refresh, lock=cfg.lock)
         reports.append("dedup")
     shard_settings = cfg.shard.model_copy(update={"dedup": cfg.shard.dedup and cfg.dedup.enabled})
-    shards = shard_flow(cfg.work, shard_settings, refresh="shard" in refresh, announce=False)
+    shards = shard_flow(cfg.work, shard_settings, refresh="shard" in refresh, announce=False, lock=cfg.lock)
     reports.append("shards")
     trained = evaluated = None
     if cfg.train.enabled:
-        trained = train_flow(cfg.work, stage_settings(TrainSettings, cfg.train))
+        trained = train_flow(cfg.work, stage_settings(TrainSettings, cfg.train), lock=cfg.lock)
         reports.append(f"train-{Path(trained['run_dir']).name}")
         if cfg.evaluate.enabled:
             evaluated = evaluate_flow(trained["run_dir"], stage_settings(EvaluateSettings, cfg.evaluate))

@@ -15,12 +15,14 @@ from prefect.logging import get_run_logger
 
 from dcgan.checkpoint import list_checkpoints
 from dcgan.evaluation.fixed_protocol import comparison_figure, fixed_protocol
-from dcgan.registry import Decision, Registry, challenge, load_registry, reference_settings, register_run, retrain_lock
+from dcgan.registry import Decision, Registry, challenge, load_registry, reference_settings, register_run
 from dcgan.settings import RetrainSettings, TrainSettings
 from dcgan.train import resolve_device
 from flows.config import stage_settings
 from flows.reports import publish
+from flows.runtime import stage_lock
 from flows.train import check_train, train_flow
+from preprocessing.locks import LockSettings
 from preprocessing.markdown import table
 from preprocessing.settings import parse_settings
 from preprocessing.sharding import read_index, samples_added_since
@@ -96,15 +98,18 @@ def effective_settings(registry: Registry, resolution: int, settings: RetrainSet
 
 
 @flow(name="retrain")
-def retrain_flow(work: str, settings: RetrainSettings = RetrainSettings(), force: bool = False) -> dict:
+def retrain_flow(
+    work: str, settings: RetrainSettings = RetrainSettings(), force: bool = False, lock: LockSettings = LockSettings()
+) -> dict:
     """Train a challenger when the shards grew since the champion's training, and promote it only if it is better.
 
     Nothing is trained when the champion already saw the current shard version (unless
     `force`). Settings not given are the champion's (see `effective_settings`). A second
-    retrain of the same work directory at the same time is refused.
+    retrain of the same work directory waits for the first (then finds nothing to do), or
+    fails at once with `lock.wait` off.
     """
     w = Path(work)
-    with retrain_lock(w):
+    with stage_lock(w, "retrain", "retrain", lock):
         registry, index = load_registry(w), read_index(w / "shards")
         version = index["version"]
         settings = effective_settings(registry, index["resolution"], settings)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 
 from preprocessing.errors import UserError
+from preprocessing.locks import LockSettings, command_line, hold, lock_path
 
 
 @contextmanager
@@ -41,3 +43,20 @@ def retry_unless_user_error(task: Any, task_run: Any, state: State) -> bool:
     except Exception:  # noqa: BLE001 - any other failure may be transient
         return True
     return True
+
+
+def lock_holder() -> str:
+    """How a stage's lock names its holder: the deployment and flow run, or this process's command line."""
+    from prefect.runtime import deployment, flow_run
+
+    run = flow_run.name if FlowRunContext.get() is not None else None
+    if run and deployment.name:
+        return f"deployment {flow_run.flow_name}/{deployment.name}, flow run {run}"
+    return f"{command_line()} (flow run {run})" if run else command_line()
+
+
+@contextmanager
+def stage_lock(work: str | Path, name: str, what: str, lock: LockSettings) -> Iterator[None]:
+    """Hold `<work>/locks/<name>.lock` for a stage's whole run (see preprocessing.locks)."""
+    with hold(lock_path(Path(work), name), what, lock, command=lock_holder()):
+        yield

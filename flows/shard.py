@@ -10,7 +10,8 @@ from prefect.events import emit_event
 
 from flows.caching import FileFingerprint
 from flows.reports import publish
-from flows.runtime import retry_unless_user_error
+from flows.runtime import retry_unless_user_error, stage_lock
+from preprocessing.locks import LockSettings
 from preprocessing.markdown import table
 from preprocessing.preview import grid_from_shards
 from preprocessing.settings import ShardSettings
@@ -34,9 +35,11 @@ def _shard_outputs(inputs: dict) -> list[Path]:
     retries=1,
     retry_condition_fn=retry_unless_user_error,
 )
-def write_shards(work: str, settings: ShardSettings, rebuild: bool = False) -> dict:
+def write_shards(
+    work: str, settings: ShardSettings, rebuild: bool = False, lock: LockSettings = LockSettings()
+) -> dict:
     t0 = time.perf_counter()
-    index = build_shards(Path(work), settings, rebuild=rebuild)
+    index = build_shards(Path(work), settings, rebuild=rebuild, lock=lock)
     rate = index["total"] / max(time.perf_counter() - t0, 1e-9)
     md = "# Shards\n\n" + table(
         [
@@ -67,15 +70,22 @@ def write_shards(work: str, settings: ShardSettings, rebuild: bool = False) -> d
 
 @flow(name="shard")
 def shard_flow(
-    work: str, settings: ShardSettings = ShardSettings(), refresh: bool = False, announce: bool = True
+    work: str,
+    settings: ShardSettings = ShardSettings(),
+    refresh: bool = False,
+    announce: bool = True,
+    lock: LockSettings = LockSettings(),
 ) -> dict:
     """Write `work/shards/` from every extracted source (honouring dedup keep flags unless settings.dedup is off).
 
     A new version is announced as the event `dcgan.dataset.updated` (the pipeline passes
-    `announce=False` and announces once it has finished, training included).
+    `announce=False` and announces once it has finished, training included). Another shard
+    writer makes this wait (or fail, with `lock.wait` off); so does a rebuild while a training
+    reads the shards.
     """
     task_ = write_shards.with_options(refresh_cache=True) if refresh else write_shards
-    result = task_(work, settings, rebuild=refresh)
+    with stage_lock(work, "shards", "sharding", lock):
+        result = task_(work, settings, rebuild=refresh, lock=lock)
     if announce and result["added"]:
         announce_new_version(work, result)
     return result

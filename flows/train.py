@@ -14,6 +14,8 @@ from dcgan.registry import challenge, load_registry, register_run
 from dcgan.settings import TrainSettings
 from dcgan.train import TrainConfig, resolve_device
 from flows.reports import publish
+from flows.runtime import stage_lock
+from preprocessing.locks import LockSettings, reading_shards
 from preprocessing.markdown import table
 from preprocessing.sharding import read_index
 
@@ -73,6 +75,7 @@ def train_flow(
     run: str | None = None,
     resume: bool = False,
     add_to_registry: bool = True,
+    lock: LockSettings = LockSettings(),
 ) -> dict:
     """Train a DCGAN on `work/shards` into `work/train/<run>/` (new run, or resume the newest).
 
@@ -80,11 +83,14 @@ def train_flow(
     batch_size is per process). The fast-path switches apply on CUDA; `loop=textbook` is pytorch/examples'.
     With `add_to_registry` the finished run is measured on the fixed protocol and recorded in
     `work/models/registry.json` (the first becomes the champion; then `retrain` or `models --promote` decide).
+    The run is written under its lock (a second `--resume` of it waits), and the shards are
+    read under the readers lock, so a shard rebuild waits until training ends.
     """
     check_train(work, settings)
     run_dir = run_dir_for(work, run, resume)
     cfg = TrainConfig(**settings.model_dump(), shards=str(Path(work) / "shards"), run_dir=str(run_dir))
-    result = train_dcgan(cfg, resume)
-    if add_to_registry:
-        result["registry"] = register_trained_run(work, cfg)
+    with stage_lock(work, f"train-{run_dir.name}", f"training run {run_dir.name}", lock), reading_shards(Path(work)):
+        result = train_dcgan(cfg, resume)
+        if add_to_registry:
+            result["registry"] = register_trained_run(work, cfg)
     return result

@@ -5,11 +5,32 @@ Shared by every package (preprocessing is the base layer that dcgan/, dedup/ and
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from preprocessing.errors import UserError
+
+
+class NoSpaceError(UserError):
+    """The disk (or quota) filled up while a file was written; nothing partial was left in its place."""
+
+
+@contextmanager
+def space_for(path: Path) -> Iterator[None]:
+    """Turn a full disk while writing `path` into one clear error naming it."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise NoSpaceError(
+            f"no space left on the device while writing {path}: free some space and rerun (nothing partial was kept)"
+        ) from None
 
 
 def temp_path(path: Path) -> Path:
@@ -21,8 +42,9 @@ def atomic_write_with(path: Path, write: Callable[[Path], object]) -> None:
     """Let `write(tmp)` produce the file (pyarrow, numpy, torch ...), then rename it into place."""
     tmp = temp_path(path)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with space_for(path):
+            write(tmp)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -5,14 +5,14 @@ and a cheap fingerprint, and turns the inputs of one part into manifest rows and
 Everything else is written once, here. `inputs.parquet` records the part that covers each input,
 so rerunning on a grown source appends parts for the new inputs only. A finished part is
 immutable: its manifest is renamed into place last, so a part is complete or absent, and it is never
-redone or rewritten. The merged manifest accounts for every input exactly once, including inputs
-that have left the source (status `gone`). An input that changed under its old identity is refused,
+redone or rewritten; the manifest's Parquet metadata holds the sha256 of the part's tar. The
+merged manifest accounts for every input exactly once, including inputs that have left the
+source (status `gone`). An input that changed under its old identity is refused,
 never mixed with its old crops.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -29,11 +29,13 @@ import pyarrow.parquet as pq
 from preprocessing.atomic import atomic_write_json
 from preprocessing.errors import UserError
 from preprocessing.manifest import write_table
+from preprocessing.state import read_json, read_parquet
 from preprocessing.tar_shards import TarShardWriter
 
 log = logging.getLogger(__name__)
 
 PLAN = "plan.json"
+TAR_SHA256 = "tar_sha256"  # key of a part manifest's Parquet metadata: the sha256 of its tar, as written
 INDEX = "inputs.parquet"
 FORMAT = 2
 # Columns the engine adds to a kind's index columns in inputs.parquet.
@@ -120,7 +122,7 @@ def plan_extraction(out_dir: Path, kind: SourceKind, settings: dict[str, Any], p
     is written when nothing changed; an error leaves the directory as it was.
     """
     plan_path = out_dir / PLAN
-    plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    plan = read_json(plan_path, refresh_hint(out_dir)) if plan_path.exists() else None
     if plan is not None:
         check_settings(out_dir, plan, settings, kind.error)
     source_fp = kind.source_fingerprint()
@@ -138,7 +140,7 @@ def plan_extraction(out_dir: Path, kind: SourceKind, settings: dict[str, Any], p
         if plan.get("format") == FORMAT and not (out_dir / INDEX).exists():
             raise kind.error(f"{out_dir}: {INDEX} is missing; refresh this stage to redo it (CLI: --refresh)")
         if plan.get("format") == FORMAT or _has_part_column(out_dir / INDEX):
-            recorded = pq.read_table(out_dir / INDEX, schema=index_schema(kind))
+            recorded = read_parquet(out_dir / INDEX, refresh_hint(out_dir), schema=index_schema(kind))
             parts = plan["parts"] if plan.get("format") == FORMAT else _part_count(recorded)
         else:
             recorded, parts = kind.legacy_index(out_dir, plan, listing)
@@ -245,7 +247,7 @@ def _changed_message(out_dir: Path, n: int, changed: pa.Table, kind: SourceKind)
 
 def read_part_inputs(out_dir: Path, part: int) -> list[dict]:
     """The index rows of one part, in processing order."""
-    index = pq.read_table(out_dir / INDEX)
+    index = read_parquet(out_dir / INDEX, refresh_hint(out_dir))
     return index.filter(pc.equal(index["part"], part)).to_pylist()
 
 
@@ -254,7 +256,8 @@ def run_part(out_dir: Path, part: int, kind: SourceKind) -> dict:
     stem = part_stem(part)
     manifest_path = out_dir / f"{stem}.parquet"
     if manifest_path.exists():
-        return part_summary(part, pq.read_table(manifest_path, schema=kind.manifest_schema), kind, 0.0, skipped=True)
+        done = read_parquet(manifest_path, refresh_hint(out_dir), schema=kind.manifest_schema)
+        return part_summary(part, done, kind, 0.0, skipped=True)
     refs = read_part_inputs(out_dir, part)
     t0 = time.perf_counter()
     rows: list[dict] = []
@@ -264,7 +267,7 @@ def run_part(out_dir: Path, part: int, kind: SourceKind) -> dict:
                 tar.write(row["key"], files)
             rows.append(row)
     table = pa.Table.from_pylist(rows, schema=kind.manifest_schema)
-    write_table(table, manifest_path)
+    write_table(table.replace_schema_metadata({TAR_SHA256: tar.sha256}), manifest_path)
     summary = part_summary(part, table, kind, time.perf_counter() - t0, skipped=False)
     log.info(
         "%s part %d: %d inputs, %d ok, %.1f inputs/s",
@@ -311,15 +314,15 @@ def merge_manifests(out_dir: Path, kind: SourceKind) -> pa.Table:
     Fails loudly on a missing part, a duplicate key, or an input not accounted for exactly once.
     An unchanged manifest is not rewritten, so later stages see no change.
     """
-    plan = json.loads((out_dir / PLAN).read_text())
+    plan = read_json(out_dir / PLAN, refresh_hint(out_dir))
     paths = [out_dir / f"{part_stem(i)}.parquet" for i in range(plan["parts"])]
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise kind.error(f"{out_dir}: {len(missing)} parts incomplete, e.g. {missing[:3]}")
     schema = kind.manifest_schema
-    tables = [pq.read_table(p, schema=schema) for p in paths]
+    tables = [read_parquet(p, refresh_hint(out_dir), schema=schema) for p in paths]
     table = pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
-    index = pq.read_table(out_dir / INDEX, columns=[kind.identity, "gone"])
+    index = read_parquet(out_dir / INDEX, refresh_hint(out_dir), columns=[kind.identity, "gone"])
     gone = index.filter(index["gone"])[kind.identity]
     if len(gone):
         table = mark_gone(table, pc.is_in(table[kind.identity], value_set=gone))
@@ -329,9 +332,34 @@ def merge_manifests(out_dir: Path, kind: SourceKind) -> pa.Table:
     if len(pc.unique(table["key"])) != table.num_rows:
         raise kind.error(f"{out_dir}: duplicate keys in the manifest")
     target = out_dir / "manifest.parquet"
-    if not (target.exists() and pq.read_table(target, schema=schema).equals(table)):
+    if not (target.exists() and _same_table(target, schema, table)):
         write_table(table, target)
     return table
+
+
+def _same_table(path: Path, schema: pa.Schema, table: pa.Table) -> bool:
+    """Whether `path` holds `table` (a damaged merged manifest is not: it is rewritten from the parts)."""
+    try:
+        return pq.read_table(path, schema=schema).equals(table)
+    except (OSError, ValueError, pa.ArrowException):
+        log.warning("%s is damaged: rewriting it from the part manifests", path)
+        return False
+
+
+def rerun_hint(out_dir: Path, does: str) -> str:
+    """The repair that a plain rerun of the source's extraction makes (it resumes, or migrates)."""
+    return (
+        f"rerun the extraction of {out_dir.name} (dcgan-pipeline lsun|faces|ingest ... --work {out_dir.parents[1]} "
+        f"--name {out_dir.name}): it {does}"
+    )
+
+
+def refresh_hint(out_dir: Path) -> str:
+    """The repair for a damaged extraction: redo the source."""
+    return (
+        f"redo the source {out_dir.name}: rerun its extraction with --refresh "
+        f"(dcgan-pipeline lsun|faces|ingest ... --work {out_dir.parents[1]} --name {out_dir.name} --refresh)"
+    )
 
 
 def mark_gone(table: pa.Table, mask: pa.ChunkedArray | pa.Array) -> pa.Table:

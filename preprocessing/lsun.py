@@ -11,7 +11,6 @@ as one complete part or not at all, so a killed run resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -27,7 +26,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from preprocessing.errors import UserError
-from preprocessing.extraction import ExtractionPlan, merge_manifests, plan_extraction, run_part, run_parts
+from preprocessing.extraction import (
+    ExtractionPlan,
+    merge_manifests,
+    plan_extraction,
+    refresh_hint,
+    run_part,
+    run_parts,
+)
 from preprocessing.images import (
     SAMPLE_EXT,
     ImageRejected,
@@ -38,6 +44,7 @@ from preprocessing.images import (
 from preprocessing.manifest import SCHEMA, ManifestRow
 from preprocessing.parallel import process_pool
 from preprocessing.settings import LsunSettings
+from preprocessing.state import read_json
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +183,10 @@ class LsunKind:
                 t = listing.filter(inside)
             n = t.num_rows
             tables.append(t.append_column("part", pa.repeat(pa.scalar(p["index"], pa.int32()), n)))
-        index = pa.concat_tables(tables) if tables else listing.schema.empty_table().append_column(
-            "part", pa.array([], pa.int32())
+        index = (
+            pa.concat_tables(tables)
+            if tables
+            else listing.schema.empty_table().append_column("part", pa.array([], pa.int32()))
         )
         return index.append_column("gone", pa.repeat(pa.scalar(False), index.num_rows)), len(plan["partitions"])
 
@@ -237,7 +246,7 @@ def prepare_extraction(
 
 def extract_partition(out_dir: Path, part: int, settings: LsunSettings) -> dict:
     """Crop every record of one part into `out_dir/<part>.tar`, each key accounted for in `<part>.parquet`."""
-    plan = json.loads((out_dir / "plan.json").read_text())
+    plan = read_json(out_dir / "plan.json", refresh_hint(out_dir))
     return run_part(out_dir, part, LsunKind(plan["settings"]["db"], out_dir.name, settings))
 
 

@@ -25,13 +25,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from preprocessing.errors import UserError
-from preprocessing.extraction import ExtractionPlan, merge_manifests, plan_extraction, run_part, run_parts
+from preprocessing.extraction import (
+    ExtractionPlan,
+    merge_manifests,
+    plan_extraction,
+    refresh_hint,
+    run_part,
+    run_parts,
+)
 from preprocessing.faces import DetectorConfig, FaceDetector, file_sha256, square_crop
 from preprocessing.images import SAMPLE_EXT, ImageRejected, center_crop_resize, decode_rgb, encode_ppm
 from preprocessing.manifest import SCHEMA
 from preprocessing.parallel import process_pool
 from preprocessing.photos import INPUT_SCHEMA, PhotoSource, list_photos, open_source, read_photos, source_fingerprint
 from preprocessing.settings import FacesSettings, IngestSettings
+from preprocessing.state import read_json
 
 _SAFE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -160,7 +168,7 @@ def prepare_photo_stage(
 
 def photo_kind(out_dir: Path) -> PhotoKind:
     """The source kind of an existing photo extraction, from its plan."""
-    settings = json.loads((out_dir / "plan.json").read_text())["settings"]
+    settings = read_json(out_dir / "plan.json", refresh_hint(out_dir))["settings"]
     return PhotoKind(PhotoSource(settings["photos"], settings["kind"]), settings, settings["stage"], out_dir.name)
 
 

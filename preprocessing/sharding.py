@@ -8,8 +8,8 @@ directory into place, so readers never see a half-written set. The index is wids
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,12 +25,20 @@ import pyarrow.parquet as pq
 
 from preprocessing.atomic import atomic_write_json, atomic_write_with
 from preprocessing.errors import UserError
-from preprocessing.extraction import part_stem
+from preprocessing.extraction import part_stem, refresh_hint
 from preprocessing.images import SAMPLE_EXT
+from preprocessing.locks import LockSettings, rewriting_shards
 from preprocessing.settings import ShardSettings
+from preprocessing.state import DamagedStateError, read_json, read_parquet
 from preprocessing.tar_shards import Member, TarShardWriter, index_tar, read_member
 
 log = logging.getLogger(__name__)
+
+# how to repair a damaged dedup result (formatted with the work directory)
+DEDUP_REPAIR = (
+    "redo dedup: dcgan-pipeline dedup --work {work} --refresh (a full re-dedup: kept items may change, "
+    "and the next shard run then writes a new version)"
+)
 
 INDEX_KIND = "wids-shard-index-v1"
 SAMPLES = "samples.parquet"  # every sample key with its shard and the version that added it
@@ -50,7 +58,7 @@ def _kept_keys(codes: Path | None, source: str, ok_keys: list[str]) -> list[str]
     """The ok keys that dedup kept; dedup results that do not cover exactly these keys are stale."""
     if codes is None:
         return ok_keys
-    table = pq.read_table(codes, columns=["key", "source", "keep"])
+    table = read_parquet(codes, DEDUP_REPAIR.format(work=codes.parents[1]), columns=["key", "source", "keep"])
     table = table.filter(pc.equal(table["source"], source))
     if set(table["key"].to_pylist()) != set(ok_keys):
         raise ShardError(
@@ -67,8 +75,8 @@ Wanted = tuple[str, Path, str, int]  # (sample key, source dir, item key, part)
 
 def _source_keys(src_dir: Path, codes: Path | None) -> tuple[int, list[Wanted]]:
     """(crop size, kept items) of one source, from its manifest and the dedup flags: no tar is read."""
-    plan = json.loads((src_dir / "plan.json").read_text())
-    table = pq.read_table(src_dir / "manifest.parquet", columns=["key", "status", "part"])
+    plan = read_json(src_dir / "plan.json", refresh_hint(src_dir))
+    table = read_parquet(src_dir / "manifest.parquet", refresh_hint(src_dir), columns=["key", "status", "part"])
     ok = table.filter(pc.equal(table["status"], "ok"))
     part = dict(zip(ok["key"].to_pylist(), ok["part"].to_pylist(), strict=True))
     keys = _kept_keys(codes, src_dir.name, ok["key"].to_pylist())
@@ -91,7 +99,9 @@ def _locate(wanted: list[Wanted]) -> list[Item]:
     return items
 
 
-def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: bool = False) -> dict:
+def build_shards(
+    work: Path, settings: ShardSettings | None = None, *, rebuild: bool = False, lock: LockSettings | None = None
+) -> dict:
     """Write `work/shards/train-%06d.tar` + `index.json` as a new version when the kept set grew; returns the index.
 
     With `settings.dedup` (the default) the items that dedup did not keep are left out when
@@ -99,7 +109,8 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
     When every sample of the current version is still kept and the settings are the same, only
     the new samples are written, into new shard files (old files keep their names and bytes);
     otherwise, or with `rebuild`, the whole set is rewritten. Either way the version goes up by
-    one and `versions.json` records it; no new samples means no new version.
+    one and `versions.json` records it; no new samples means no new version. A rewrite waits
+    for (or, with `lock.wait` off, refuses against) trainings reading the current shards.
     """
     settings = settings or ShardSettings()
     maxcount, maxsize, seed = settings.maxcount, settings.maxsize, settings.seed
@@ -127,7 +138,7 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
         raise ShardError(f"no usable images in {', '.join(sizes)}: every item was rejected or removed")
     resolution = sizes[sources[0].name]
     final = work / "shards"
-    current = _current_index(final)
+    current = _current_index(final, rebuild)
     if current is not None and not rebuild and current["fingerprint"] == digest.hexdigest():
         log.info("shards in %s are up to date (version %d)", final, current["version"])
         return {**current, "added": 0}
@@ -147,7 +158,10 @@ def build_shards(work: Path, settings: ShardSettings | None = None, *, rebuild: 
         else:
             reason = "rebuild: the kept set lost samples or the settings changed"
         items = _locate(wanted)
-        index = _write_version(work, final, current, items, settings, resolution, digest.hexdigest(), reason)
+        with rewriting_shards(work, lock) if current is not None else contextlib.nullcontext():
+            index = _write_version(
+                work, final, current, items, settings, resolution, digest.hexdigest(), reason, rebuild
+            )
     log.info(
         "shards version %d: %d samples (%d new) in %d shards at %s (%.1f s)",
         index["version"],
@@ -166,7 +180,7 @@ def _previous_samples(final: Path, current: dict | None, settings: ShardSettings
     same["min_shards"] = settings.min_shards
     if current is None or any(current.get(k, 1) != v for k, v in same.items()) or not (final / SAMPLES).exists():
         return None
-    return pq.read_table(final / SAMPLES)
+    return read_parquet(final / SAMPLES, shard_repair(final))
 
 
 def _write_shards(
@@ -184,7 +198,7 @@ def _write_shards(
             if writer is None or writer.count >= per_shard or written >= settings.maxsize:
                 if writer is not None:
                     writer.close()
-                    shardlist.append({"url": writer.path.name, "nsamples": writer.count, "keys": sorted(writer.keys)})
+                    shardlist.append(_entry(writer))
                 writer = TarShardWriter(folder / f"train-{start + len(shardlist):06d}.tar")
                 written = 0
             if tar not in handles:
@@ -194,7 +208,7 @@ def _write_shards(
             written += image.size + meta.size + 1024
         assert writer is not None
         writer.close()
-        shardlist.append({"url": writer.path.name, "nsamples": writer.count, "keys": sorted(writer.keys)})
+        shardlist.append(_entry(writer))
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -205,6 +219,11 @@ def _write_shards(
     for entry in shardlist:
         entry["filesize"] = (folder / entry["url"]).stat().st_size
     return shardlist
+
+
+def _entry(writer: TarShardWriter) -> dict:
+    """A shardlist entry (with its keys until samples.parquet takes them); sha256 as written."""
+    return {"url": writer.path.name, "nsamples": writer.count, "sha256": writer.sha256, "keys": sorted(writer.keys)}
 
 
 def _counts(keys: list[str]) -> dict[str, int]:
@@ -248,9 +267,22 @@ def _finish(
     return {**index, "added": len(rows)}
 
 
-def _versions(folder: Path) -> list[dict]:
+def _versions(folder: Path, rebuilding: bool = False) -> list[dict]:
+    """The version history; a damaged one is an error, except to a rebuild, which starts it anew (and says so)."""
     path = folder / VERSIONS
-    return json.loads(path.read_text()) if path.exists() else []
+    if not path.exists():
+        return []
+    try:
+        return read_json(path, shard_repair(folder))
+    except DamagedStateError as exc:
+        if not rebuilding:
+            raise
+        log.warning("%s; the rebuild starts the version history anew", exc)
+        return []
+
+
+def shard_repair(shards: Path) -> str:
+    return f"rebuild the shards: dcgan-pipeline shard --work {Path(shards).parent} --refresh"
 
 
 def samples_added_since(shards: Path, version: int) -> int:
@@ -290,8 +322,12 @@ def _write_version(
     resolution: int,
     fingerprint: str,
     reason: str,
+    asked: bool,
 ) -> dict:
-    """The whole set into a new directory swapped into place, so readers never see a mix."""
+    """The whole set into a new directory swapped into place, so readers never see a mix.
+
+    `asked`: the rebuild was asked for (--refresh), so a damaged version history starts anew.
+    """
     version = current["version"] + 1 if current is not None else 1
     log.info("shards version %d: %s", version, reason)
     tmp = work / f".shards.tmp-{os.getpid()}"
@@ -316,7 +352,7 @@ def _write_version(
             "fingerprint": fingerprint,
             "version": version,
         }
-        index = _finish(tmp, index, shardlist, None, _versions(final), 0)
+        index = _finish(tmp, index, shardlist, None, _versions(final, rebuilding=asked), 0)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -324,14 +360,28 @@ def _write_version(
     return index
 
 
-def _current_index(final: Path) -> dict | None:
-    """The existing index when it and all its shards are present, else None."""
+def _current_index(final: Path, rebuild: bool) -> dict | None:
+    """The existing index (None before the first version); damaged or incomplete, only a rebuild goes on.
+
+    Nothing is silently started again at version 1: a rebuild over a damaged index takes the next
+    number after the recorded history.
+    """
+    if not (final / "index.json").exists():
+        return None
     try:
         index = read_index(final)
-    except (ShardError, ValueError):
-        return None
-    if not all((final / s["url"]).exists() for s in index["shardlist"]):
-        return None
+        missing = [s["url"] for s in index["shardlist"] if not (final / s["url"]).exists()]
+        if missing:
+            raise DamagedStateError(
+                f"{final / missing[0]} ({len(missing)} of the shards index.json names) is missing -> "
+                + shard_repair(final)
+            )
+    except (ShardError, DamagedStateError) as exc:
+        if not rebuild:
+            raise
+        log.warning("%s; rebuilding", exc)
+        history = _versions(final, rebuilding=True)
+        return {"version": history[-1]["version"]} if history else None
     return {"version": 1, **index}  # sets written before versions were recorded are version 1
 
 
@@ -349,12 +399,9 @@ def read_index(shards: Path) -> dict:
     path = Path(shards) / "index.json"
     if not path.exists():
         raise ShardError(f"no shard index at {path}: run the shard stage first")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{path} is not a dcgan-pipeline shard index: {exc}") from exc
+    index = read_json(path, shard_repair(path.parent))
     if not isinstance(index, dict) or index.get("__kind__") != INDEX_KIND or "shardlist" not in index:
-        raise ShardError(f"{path} is not a dcgan-pipeline shard index")
+        raise ShardError(f"{path} is not a dcgan-pipeline shard index -> {shard_repair(path.parent)}")
     if not index["shardlist"]:
         raise ShardError(f"{path} lists no shards: no item survived extraction and dedup")
     return index

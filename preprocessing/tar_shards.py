@@ -7,6 +7,8 @@ in the same order give the same bytes: reruns after a crash can be checked by ha
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import tarfile
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from preprocessing.atomic import temp_path
+from preprocessing.atomic import space_for, temp_path
 
 SAFE_KEY = re.compile(r"^[A-Za-z0-9_\-]+(/[A-Za-z0-9_\-]+)*$")
 
@@ -56,7 +58,8 @@ class TarShardWriter:
     """Append samples to `path` through a temporary file renamed into place on `close()`.
 
     Writes the same bytes as `tarfile` in USTAR format, so any tar reader (and WebDataset)
-    reads the result.
+    reads the result. `sha256` (after `close()`) is the digest of the bytes as they were
+    written: the checksum costs no second read.
     """
 
     def __init__(self, path: Path) -> None:
@@ -64,6 +67,8 @@ class TarShardWriter:
         self.tmp = temp_path(self.path)
         self._fh = open(self.tmp, "wb")  # noqa: SIM115 - closed by close()/abort()
         self._offset = 0
+        self._digest = hashlib.sha256()
+        self.sha256 = ""
         self.count = 0
         self.keys: set[str] = set()
 
@@ -77,20 +82,31 @@ class TarShardWriter:
         for ext, payload in sorted(files.items()):
             chunks += [_ustar_header(f"{key}.{ext}", len(payload)), payload, _ZEROS[: -len(payload) % 512]]
         data = b"".join(chunks)
-        self._fh.write(data)
+        with space_for(self.path):
+            self._fh.write(data)
+        self._digest.update(data)
         self._offset += len(data)
         self.count += 1
 
     def close(self) -> None:
         end = self._offset + 1024  # two zero blocks, then pad to a whole record as tarfile does
-        self._fh.write(_ZEROS[:1024] + _ZEROS[: -end % tarfile.RECORDSIZE])
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.tmp, self.path)
+        tail = _ZEROS[:1024] + _ZEROS[: -end % tarfile.RECORDSIZE]
+        self._digest.update(tail)
+        self.sha256 = self._digest.hexdigest()
+        try:
+            with space_for(self.path):
+                self._fh.write(tail)
+                self._fh.flush()
+                os.fsync(self._fh.fileno())
+                self._fh.close()
+                os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def abort(self) -> None:
-        self._fh.close()
+        with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+            self._fh.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> TarShardWriter:
@@ -138,11 +154,12 @@ def read_member(fh: BinaryIO, member: Member) -> bytes:
     return data
 
 
-def iter_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {ext: bytes}) from a tar written by `TarShardWriter`, in order."""
+def iter_samples(path: Path | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) from a tar written by `TarShardWriter` (a path or an open file), in order."""
     current: str | None = None
     files: dict[str, bytes] = {}
-    with tarfile.open(path, mode="r:") as tar:
+    source = {"name": path} if isinstance(path, str | Path) else {"fileobj": path}
+    with tarfile.open(mode="r:", **source) as tar:
         for info in tar:
             if not info.isfile():
                 continue

@@ -1,9 +1,8 @@
-"""The model registry, the champion decision, the retrain lock, and the fixed comparison protocol."""
+"""The model registry, the champion decision, and the fixed comparison protocol."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ from dcgan.registry import (
     promote,
     register_run,
     registry_path,
-    retrain_lock,
 )
 from dcgan.train import TrainConfig, train
 from preprocessing.errors import UserError
@@ -147,26 +145,6 @@ def test_a_corrupt_registry_is_refused_and_never_overwritten(tmp_path: Path, con
     with pytest.raises(RegistryError, match=message):
         promote(tmp_path, "run-a", who="bob", why="test")
     assert path.read_text() == content
-
-
-def test_retrain_lock_refuses_a_second_holder_and_takes_over_a_stale_one(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    import os
-
-    with retrain_lock(tmp_path) as path:
-        holder = json.loads(path.read_text())
-        assert holder["pid"] == os.getpid()
-        busy = rf"another retrain is running \(pid {os.getpid()} on .* since "
-        with pytest.raises(RegistryError, match=busy), retrain_lock(tmp_path):
-            pass
-    assert path.read_text() == ""  # released: emptied, not deleted
-    with retrain_lock(tmp_path):  # free again
-        pass
-    path.write_text(json.dumps({"pid": 2**22 + 1, "host": "gone", "since": "2024-01-01T00:00:00+00:00"}))  # a crash
-    with caplog.at_level(logging.WARNING, logger="dcgan.registry"), retrain_lock(tmp_path):
-        assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert "taking over the stale retrain lock" in caplog.text and str(2**22 + 1) in caplog.text
 
 
 def test_fixed_protocol_measures_every_run_on_the_same_images(two_runs: tuple[Path, Path], shards_dir: Path) -> None:

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dcgan.registry import load_registry, registry_path, retrain_lock
+from dcgan.registry import load_registry, registry_path
 from flows.cli import app
+from preprocessing.locks import hold, lock_path
 
 runner = CliRunner()
 TINY = ["--steps", "2", "--batch-size", "16", "--ngf", "8", "--ndf", "8", "--device", "cpu", "--best-images", "0"]
@@ -77,9 +78,9 @@ def test_bad_registry_states_are_clear_errors(prefect_api: None, work: Path) -> 
     assert result.exit_code == 2 and "registry" in result.output
     assert registry_path(work).read_text() == "{not json"  # never overwritten
     registry_path(work).unlink()
-    with retrain_lock(work):
-        busy = runner.invoke(app, ["retrain", "--work", str(work), *TINY])
-    assert busy.exit_code == 2 and "another retrain is running" in busy.output
+    with hold(lock_path(work, "retrain"), "retrain", command="deployment retrain/retrain, flow run calm-owl"):
+        busy = runner.invoke(app, ["retrain", "--work", str(work), "--no-wait", *TINY])
+    assert busy.exit_code == 2 and "retrain is busy" in busy.output and "calm-owl" in busy.output
     none = runner.invoke(app, ["generate", "--work", str(work), "--n", "2", "--out", str(work / "g")])
     assert none.exit_code == 2 and "no champion yet" in none.output
 

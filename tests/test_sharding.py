@@ -14,6 +14,7 @@ import webdataset as wds
 
 from preprocessing.settings import SettingsError, ShardSettings, parse_settings
 from preprocessing.sharding import ShardError, build_shards, read_index
+from preprocessing.state import DamagedStateError
 from preprocessing.tar_shards import TarShardWriter, iter_samples
 
 
@@ -59,9 +60,11 @@ def test_unchanged_inputs_skip_the_rebuild(work: Path) -> None:
     mtime = (work / "shards" / "index.json").stat().st_mtime_ns
     assert build_shards(work, ShardSettings(maxcount=30))["total"] == 60
     assert (work / "shards" / "index.json").stat().st_mtime_ns == mtime
-    (work / "shards" / "train-000001.tar").unlink()  # a damaged set is rebuilt
-    build_shards(work, ShardSettings(maxcount=30))
-    assert (work / "shards" / "train-000001.tar").exists()
+    (work / "shards" / "train-000001.tar").unlink()  # a damaged set is an error, never silently started again
+    with pytest.raises(DamagedStateError, match=r"train-000001.tar .* is missing -> rebuild the shards: .* --refresh"):
+        build_shards(work, ShardSettings(maxcount=30))
+    index = build_shards(work, ShardSettings(maxcount=30), rebuild=True)  # the repair it names
+    assert (work / "shards" / "train-000001.tar").exists() and index["version"] == 2  # the history goes on
 
 
 def test_maxsize_splits_shards(work: Path) -> None:

@@ -213,6 +213,7 @@ def test_empty_or_damaged_shards_are_clear_errors(shards_dir: Path, tmp_path: Pa
 
     from dcgan.data import DataError
     from preprocessing.sharding import ShardError
+    from preprocessing.state import DamagedStateError
 
     shards = tmp_path / "shards"
     shutil.copytree(shards_dir, shards)
@@ -223,7 +224,7 @@ def test_empty_or_damaged_shards_are_clear_errors(shards_dir: Path, tmp_path: Pa
         expected, message = ShardError, "lists no shards"
     elif damage == "garbage_index":
         (shards / "index.json").write_text("{not json")
-        expected, message = ShardError, "not a dcgan-pipeline shard index"
+        expected, message = DamagedStateError, "index.json is damaged .* -> rebuild the shards: .* --refresh"
     elif damage == "wrong_total":
         (shards / "index.json").write_text(json.dumps({**index, "total": index["total"] + 1}))
         expected, message = DataError, f"hold {index['total']} samples but their index lists {index['total'] + 1}"
