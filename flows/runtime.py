@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +13,7 @@ from prefect.client.schemas.objects import State
 from prefect.context import FlowRunContext
 
 from preprocessing.errors import UserError
-from preprocessing.locks import LockSettings, command_line, hold, lock_path
+from preprocessing.locks import LOCKS, LockSettings, command_line, hold, is_held, lock_path
 
 
 @contextmanager
@@ -57,6 +58,16 @@ def lock_holder() -> str:
 
 @contextmanager
 def stage_lock(work: str | Path, name: str, what: str, lock: LockSettings) -> Iterator[None]:
-    """Hold `<work>/locks/<name>.lock` for a stage's whole run (see preprocessing.locks)."""
-    with hold(lock_path(Path(work), name), what, lock, command=lock_holder()):
-        yield
+    """Hold `<work>/locks/<name>.lock` for a stage's whole run (see preprocessing.locks).
+
+    A stage that fails before writing anything into a work directory it would have created
+    leaves no directory behind (not even the lock).
+    """
+    work = Path(work)
+    created = not work.exists()
+    try:
+        with hold(lock_path(work, name), what, lock, command=lock_holder()):
+            yield
+    finally:
+        if created and [p.name for p in work.iterdir()] == [LOCKS] and not is_held(lock_path(work, name)):
+            shutil.rmtree(work, ignore_errors=True)

@@ -119,14 +119,27 @@ def test_a_shard_rewrite_waits_for_or_refuses_a_reading_training(tmp_path: Path)
         pass
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    """`dcgan-pipeline ARGS` in a process of its own, on the test API (PREFECT_API_URL of the harness)."""
+def _cli(*args: str, log: Path | None = None) -> subprocess.Popen:
+    """`dcgan-pipeline ARGS` in a process of its own, on the test API (PREFECT_API_URL of the harness).
+
+    With `log`, its output goes to that file (to be read while it runs), else to a pipe.
+    """
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     cmd = [sys.executable, "-c", "from flows.cli import main; main()", *args]
     root = Path(__file__).resolve().parents[1]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = open(log, "w") if log else subprocess.PIPE  # noqa: SIM115 - the child holds it; closed on exit
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Until the running command has logged `text`."""
+    end = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < end, f"no {text!r} after {timeout} s:\n{log.read_text()}"
+        time.sleep(0.2)
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -150,8 +163,15 @@ def test_two_ingests_of_a_grown_folder_at_once_extract_the_new_part_once(prefect
     _finish(_cli(*args))
     for i in range(8, 12):
         (folder / f"p{i:03d}.jpg").write_bytes(jpegs[i])
-    logs = [_finish(p) for p in [_cli(*args), _cli(*args)]]
-    assert sum("extraction of x is busy: waiting for" in log for log in logs) == 1, logs
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    with hold(lock_path(work, "extract-x"), "extraction of x", command="the test"):  # both start while it is busy
+        procs = [_cli(*args, log=log) for log in logs]
+        for proc, log in zip(procs, logs, strict=True):
+            _wait_for(log, "extraction of x is busy: waiting for", proc)
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    said = sorted("12 photos (4 new)" in log.read_text() for log in logs)
+    assert said == [False, True] and sum("12 photos (0 new)" in log.read_text() for log in logs) == 1
     out = work / "extract" / "x"
     assert sorted(p.name for p in out.glob("part-*.tar")) == [f"part-00000{i}.tar" for i in range(3)]
     manifest = pq.read_table(out / "manifest.parquet")
@@ -190,13 +210,13 @@ def test_a_cli_shard_run_waits_for_a_deployment_run_and_then_sees_the_new_dedup(
         refused = _cli("shard", "--work", str(work), "--no-wait")
         out, _ = refused.communicate(timeout=300)
         assert refused.returncode == 2 and "error: sharding is busy" in out and "brisk-heron" in out, out
-        waiting = _cli("shard", "--work", str(work), "--maxcount", "25")
+        log = tmp_path / "waiting.log"
+        waiting = _cli("shard", "--work", str(work), "--maxcount", "25", log=log)
         assert build_shards(work, ShardSettings(maxcount=25))["version"] == 1  # the deployment run's own write
         kept = _codes(work, dropped=5)  # dedup changed while the second run waits
-        time.sleep(5)
-        assert waiting.poll() is None
-    out = _finish(waiting)
-    assert "sharding is busy: waiting for" in out and "brisk-heron" in out
+        _wait_for(log, "sharding is busy: waiting for", waiting)
+        assert "brisk-heron" in log.read_text() and waiting.poll() is None
+    assert waiting.wait(timeout=300) == 0, log.read_text()
     index = json.loads((work / "shards" / "index.json").read_text())
     versions = json.loads((work / "shards" / "versions.json").read_text())
     assert [v["version"] for v in versions] == [1, 2] and versions[1]["rebuild"]
