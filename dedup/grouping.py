@@ -1,14 +1,18 @@
 """Group near duplicates in two steps: candidates from the 128-bit hash, then verification.
 
-1. Pixel-identical crops (equal content digests) are one group at once, in one hash pass;
-   only one representative of each goes on, so a set of identical images costs nothing more.
+1. Pixel-identical crops (equal content digests) join at once, in one hash pass; only one
+   representative of each set (the first in keeper order) goes on, so a set of identical
+   images costs nothing more.
 2. Candidates: pairs of representatives whose codes are within Hamming radius R, found by
    multi-index hashing with a bucket cap (dedup.candidates; radius 0 is the paper's exact
    code match).
 3. Verification: each candidate pair is judged on the thumbnails (dedup.verify). Only
    verified pairs link items, so a larger radius buys recall without costing precision.
-4. Groups are the connected components of the verified and identical pairs
-   (scipy.sparse.csgraph); a group's id is its smallest member index.
+4. Groups are stars around a keeper, never chains: representatives are taken in keeper order
+   (`rank`, e.g. `keeper_rank`), and each joins the first keeper it was verified against, else
+   becomes a keeper itself. So every member passes the verify rule against its keeper (identical
+   members trivially); connected components would let A~B, B~C merge A with a C that looks
+   nothing like it. A group's id is its keeper's index.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from dedup.verify import VerifyRule, verify_pairs
 
 @dataclass
 class Grouping:
-    group: np.ndarray  # (N,) int64 group id (the smallest member index)
+    group: np.ndarray  # (N,) int64 group id: the index of the group's keeper
     low_content: np.ndarray  # (N,) bool: spread under the contrast floor (merged only when near-identical)
-    identical_pairs: int = 0  # items linked to a pixel-identical earlier item
+    identical_pairs: int = 0  # items linked to a pixel-identical item earlier in keeper order
     candidate_pairs: int = 0  # pairs proposed by the hash (within the radius)
     verified_pairs: int = 0  # candidates that passed verification
     low_content_pairs: int = 0  # candidates judged by the near-identical rule
@@ -60,6 +64,31 @@ def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return first[labels]
 
 
+def stars(n: int, a: np.ndarray, b: np.ndarray, fixed: np.ndarray | None = None) -> np.ndarray:
+    """Keeper of each of n items taken in index order, linked by pairs a < b: the first keeper it is linked to.
+
+    An item linked to no earlier keeper (or `fixed`) is its own keeper, so every member is linked
+    to its keeper directly. Greedy and sequential by nature: one Python pass over the links,
+    which are few (verified pairs) next to the items.
+    """
+    keeper = np.arange(n, dtype=np.int64)
+    if fixed is not None:
+        a, b = a[~fixed[b]], b[~fixed[b]]
+    by = np.lexsort((a, b))  # each item's links together, earliest partner first
+    is_keeper = bytearray(b"\x01") * n
+    joined: list[int] = []
+    to: list[int] = []
+    last = -1
+    for u, v in zip(a[by].tolist(), b[by].tolist(), strict=True):
+        if v != last and is_keeper[u]:  # u < v: u's role was settled before v's
+            is_keeper[v] = 0
+            joined.append(v)
+            to.append(u)
+            last = v
+    keeper[joined] = to
+    return keeper
+
+
 def group_near_duplicates(
     codes: np.ndarray,
     thumbs: np.ndarray,
@@ -70,11 +99,16 @@ def group_near_duplicates(
     rows: np.ndarray | None = None,
     cap: int = 64,
     stats: ThumbStats | None = None,
+    rank: np.ndarray | None = None,
+    kept: np.ndarray | None = None,
 ) -> Grouping:
     """Group N items: codes (N, 16) uint8; their thumbnails are `thumbs[rows]` (rows default: all).
 
     `content` (N digests of the crop pixels) merges identical crops before any hashing.
     `stats` are the thumbnails' ThumbStats when the caller has them already (same rows as thumbs).
+    `rank` (N,) is the keeper order (lowest first, e.g. `keeper_rank`; default: item order), so a
+    group's keeper is its lowest-ranked member. `kept` (N,) bool marks keepers of an earlier
+    grouping: they come first and stay keepers, and new items join them as they would any keeper.
     """
     if codes.ndim != 2 or codes.shape[1] != BITS // 8:
         raise ValueError(f"codes must be (N, {BITS // 8}) uint8, got {codes.shape}")
@@ -88,26 +122,35 @@ def group_near_duplicates(
     result = Grouping(group=np.arange(n, dtype=np.int64), low_content=low)
     if n == 0:
         return result
-    edges_a: list[np.ndarray] = []
-    edges_b: list[np.ndarray] = []
-    reps = np.arange(n, dtype=np.int64)
+    fixed = np.zeros(n, bool) if kept is None else np.asarray(kept, bool)
+    rank = np.arange(n) if rank is None else np.asarray(rank)
+    order = np.lexsort((rank, ~fixed))  # item at each position of the keeper order (stable: ties by index)
+    fixed = fixed[order]
+    head = np.arange(n, dtype=np.int64)  # by position: the position each item joins (itself for keepers)
+    reps = head.copy()  # positions of the items that go on to the hash
     if content is not None:
-        first = first_of_equal(pa.array(content, type=pa.binary()))
-        dup = np.flatnonzero(first != reps)
-        edges_a.append(dup)
-        edges_b.append(first[dup])
+        first = first_of_equal(pa.array(content, type=pa.binary()).take(pa.array(order)))
+        first[fixed] = np.flatnonzero(fixed)  # an earlier keeper never joins another
+        reps = np.flatnonzero(first == head)
+        dup = np.flatnonzero(first != head)
+        head[dup] = first[dup]
         result.identical_pairs = len(dup)
-        reps = np.flatnonzero(first == reps)
-    tiebreak = stats.mean[rows[reps]]  # orders members of oversize buckets of identical codes
-    for a, b in candidate_pairs(codes[reps], radius, cap=cap, tiebreak=tiebreak, stats=result.candidates):
-        ga, gb = reps[a], reps[b]
-        verdict = verify_pairs(thumbs, stats, rows[ga], rows[gb], rule)
-        result.candidate_pairs += len(ga)
+    items = order[reps]  # item index of each representative, in keeper order
+    tiebreak = stats.mean[rows[items]]  # orders members of oversize buckets of identical codes
+    linked_a: list[np.ndarray] = []
+    linked_b: list[np.ndarray] = []
+    for a, b in candidate_pairs(codes[items], radius, cap=cap, tiebreak=tiebreak, stats=result.candidates):
+        verdict = verify_pairs(thumbs, stats, rows[items[a]], rows[items[b]], rule)
+        result.candidate_pairs += len(a)
         result.verified_pairs += int(verdict.ok.sum())
         result.low_content_pairs += int(verdict.low_content.sum())
-        edges_a.append(ga[verdict.ok])
-        edges_b.append(gb[verdict.ok])
-    result.group = components(n, np.concatenate(edges_a or [reps[:0]]), np.concatenate(edges_b or [reps[:0]]))
+        linked_a.append(a[verdict.ok])
+        linked_b.append(b[verdict.ok])
+    empty = np.zeros(0, np.int64)
+    keeper = stars(len(reps), np.concatenate(linked_a or [empty]), np.concatenate(linked_b or [empty]), fixed[reps])
+    head[reps] = reps[keeper]
+    head = head[head]  # an identical copy joins its representative's keeper
+    result.group[order] = order[head]
     return result
 
 

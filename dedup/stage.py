@@ -365,6 +365,7 @@ def group_items(work: Path, settings: DedupSettings, *, full: bool = False) -> d
             content=content,
             cap=settings.bucket_cap,
             stats=stats,
+            rank=rank,
         )
         group, keep, low, growth = g.group, choose_keepers(g.group, rank), g.low_content, None
     else:
@@ -456,8 +457,10 @@ def _group_new(
         rows=cand,
         cap=settings.bucket_cap,
         stats=stats,
+        rank=rank[cand],
+        kept=np.arange(len(cand)) < len(kept),
     )
-    local = g.group[len(kept) :]  # a group's id is its smallest member: below len(kept) means a kept item is in it
+    local = g.group[len(kept) :]  # a group's id is its keeper: below len(kept) means an item kept before keeps it
     of_existing = local < len(kept)
     existing = old_group[kept[np.clip(local, 0, len(kept) - 1)]] if len(kept) else np.zeros_like(local)
     new_group = np.where(of_existing, existing, m + local - len(kept))
@@ -587,8 +590,9 @@ def _write_report(
             "\n## Collision groups\n",
             "Each row of `collisions.png` is one group (keeper first): the largest groups, then random ones. "
             "Estimate precision by eye, as the paper did; beside each row, the thumbnail correlation of each "
-            "shown member with the keeper (members join through chains of verified pairs, so one can be below "
-            "the threshold).\n",
+            "shown member with the keeper (groups are stars around their keeper: each member was verified "
+            "against the keeper itself, so none is below the threshold but flat crops, which merge by pixel "
+            "difference).\n",
             table(rows_md, ("row", "members", "correlation with the keeper")),
             "\n![collisions](collisions.png)",
         ]

@@ -289,3 +289,25 @@ def test_all_black_and_all_white_sets_are_two_low_content_groups(tmp_path: Path)
     codes = pq.read_table(w / "dedup" / "codes.parquet").to_pylist()
     assert summary["groups"] == 2 and summary["low_content"] == 10 and all(r["low_content"] for r in codes)
     assert "low-content items (flat or dark) | 10 |" in (w / "dedup" / "report.md").read_text()
+
+
+def test_groups_are_stars_every_member_verified_against_its_keeper(tmp_path: Path) -> None:
+    """Framings of one photo a few pixels apart chain (each like the next); the stage's groups must not."""
+    from conftest import celeba_jpegs
+
+    photos = []
+    for data in celeba_jpegs(3, offset=40):
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        photos += [encode(img.crop((dx, 20, dx + 140, 160)), "PNG") for dx in range(0, 36, 3)]
+    run_photo_stage(_image_folder(tmp_path / "p", photos), tmp_path / "w", "p", INGEST32, workers=1)
+    settings = DedupSettings(max_epochs=FAST.max_epochs, radius=12)
+    collect_crops(tmp_path / "w")
+    checkpoint, _ = prepare_autoencoder(tmp_path / "w", settings)
+    encode_items(tmp_path / "w", checkpoint)
+    summary = group_items(tmp_path / "w", settings)
+    codes = pq.read_table(tmp_path / "w" / "dedup" / "codes.parquet").to_pylist()
+    members = [r for r in codes if not r["keep"] and not r["low_content"]]
+    assert summary["removed"] >= 6 and members  # framings did merge
+    assert all(r["similarity"] >= settings.min_similarity for r in members), sorted(r["similarity"] for r in members)
+    keepers = {r["group"] for r in codes if r["keep"]}
+    assert len(keepers) == len({r["group"] for r in codes})  # one keeper per group

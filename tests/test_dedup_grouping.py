@@ -1,4 +1,4 @@
-"""Near-duplicate grouping: hash candidates (multi-index, bucket cap), verification, invariance, bad input."""
+"""Near-duplicate grouping: hash candidates (multi-index, bucket cap), verification, stars, invariance, bad input."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED
+from conftest import SHARED, celeba_jpegs
 from PIL import Image
 from skimage import data as skdata
 
 from dedup.candidates import CandidateStats, candidate_pairs, chunk_values, code_words, hamming
 from dedup.contrast import CONTRAST_FLOOR, ThumbStats, thumbnails
-from dedup.grouping import choose_keepers, group_near_duplicates, keeper_rank
+from dedup.grouping import choose_keepers, components, group_near_duplicates, keeper_rank, stars
 from dedup.verify import VerifyRule, verify_pairs
 
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.parquet"
@@ -91,10 +91,12 @@ def test_a_bucket_cap_bounds_the_pairs_and_keeps_the_planted_ones() -> None:
     identical = {(a, b) for a, b in got if a >= 500 or (a == 399 and b >= 500)}
     assert len(identical) <= 151 * 15  # the 151 identical codes: neighbours only, never all 11,325 pairs
     assert stats.buckets_split >= 1 and stats.buckets_windowed >= 1 and stats.largest_bucket >= 151
-    chained = group_near_duplicates(
+    g = group_near_duplicates(
         codes, np.zeros((len(codes), 16, 16, 3), np.uint8), radius=4, cap=16, rule=VerifyRule(low_content_rms=0)
     )
-    assert len(set(chained.group[399:400].tolist() + chained.group[500:].tolist())) == 1  # still one group
+    assert all(g.group[a] == g.group[b] for a, b in planted)
+    _, sizes = np.unique(g.group[np.r_[399, 500:650]], return_counts=True)
+    assert len(sizes) == 10 and sizes.max() == 16  # stars of a keeper and its 15 neighbours, no longer one chain
 
 
 def test_bad_radius_cap_and_shapes_are_refused() -> None:
@@ -205,3 +207,65 @@ def test_keepers_are_the_largest_image_then_source_then_key() -> None:
     rank = keeper_rank([100, 50, 0, 0, 200, 200], ["a", "a", "a", "a", "b", "a"], ["k0", "k1", "k2", "k3", "k4", "k5"])
     keep = choose_keepers(np.array([0, 1, 2, 3, 1, 1]), rank)
     assert keep.tolist() == [True, False, True, True, False, True]
+
+
+def _framings(photo: bytes, steps: int = 11) -> np.ndarray:
+    """32x32 crops of one photo, each framed 3 px further right: neighbours match, the ends do not."""
+    rgb = np.asarray(Image.open(io.BytesIO(photo)).convert("RGB"))
+    y, x = (rgb.shape[0] - 128) // 2, (rgb.shape[1] - 128) // 2 - 15
+    return np.stack(
+        [
+            cv2.resize(rgb[y : y + 128, x + dx : x + dx + 128], (32, 32), interpolation=cv2.INTER_AREA)
+            for dx in range(0, 3 * steps, 3)
+        ]
+    )
+
+
+def test_stars_join_the_first_keeper_linked_and_never_chain() -> None:
+    a, b = np.array([0, 1, 2, 0, 4]), np.array([1, 2, 3, 4, 5])
+    assert stars(6, a, b).tolist() == [0, 0, 2, 2, 0, 5]  # 1 joins 0; 2 is linked to member 1 only: a keeper
+    fixed = np.array([True, True, False, False, False, False])
+    assert stars(6, a, b, fixed).tolist() == [0, 1, 1, 3, 0, 5]  # a fixed item stays a keeper even when linked
+
+
+def test_a_chain_of_framings_splits_into_stars_around_the_keeper() -> None:
+    crops = _framings(celeba_jpegs(1)[0], steps=3)  # A, B, C: 0, 3 and 6 px to the right
+    thumbs = thumbnails(crops)
+    v = verify_pairs(thumbs, ThumbStats.of(thumbs), np.array([0, 1, 0]), np.array([1, 2, 2]), VerifyRule())
+    assert v.ok.tolist() == [True, True, False]  # A~B, B~C, but A and C correlate below 0.94
+    codes = np.tile(SAME_CODE, (3, 1))
+    assert group_near_duplicates(codes, thumbs, radius=0).group.tolist() == [0, 0, 2]  # was one chained group
+    middle_first = group_near_duplicates(codes, thumbs, radius=0, rank=np.array([1, 0, 2]))
+    assert middle_first.group.tolist() == [1, 1, 1]  # B keeps: both ends verify against it
+
+
+def test_every_member_verifies_against_its_keeper_on_real_crops(cifar_crops: np.ndarray) -> None:
+    framings = np.concatenate([_framings(photo) for photo in celeba_jpegs(3)])
+    crops = np.concatenate([framings, cifar_crops[:30], framings[[4, 4, 20]], cifar_crops[[7]]])  # + identical ones
+    n = len(crops)
+    thumbs = thumbnails(crops)
+    stats = ThumbStats.of(thumbs)
+    rank = np.random.default_rng(0).permutation(n)
+    content = [c.tobytes() for c in crops]
+    g = group_near_duplicates(np.tile(SAME_CODE, (n, 1)), thumbs, radius=0, content=content, rank=rank, stats=stats)
+    members = np.flatnonzero(g.group != np.arange(n))
+    assert verify_pairs(thumbs, stats, members, g.group[members], VerifyRule()).ok.all()
+    assert np.array_equal(choose_keepers(g.group, rank), g.group == np.arange(n))  # keeper = lowest rank
+    assert g.group[n - 4] == g.group[n - 3] == g.group[4] and g.group[n - 1] == g.group[len(framings) + 7]
+    assert g.identical_pairs == 4
+    i, j = np.triu_indices(n, 1)
+    ok = verify_pairs(thumbs, stats, i, j, VerifyRule()).ok
+    assert len(np.unique(components(n, i[ok], j[ok]))) < len(np.unique(g.group)) - 5  # chains would merge far more
+
+
+def test_items_kept_before_stay_keepers_and_new_items_join_them() -> None:
+    crops = _framings(celeba_jpegs(1)[0], steps=3)
+    kept_a, kept_b, new_c = crops
+    crops = np.stack([kept_a, kept_b, new_c, kept_a, kept_b])  # then identical copies of A and B
+    content = [c.tobytes() for c in crops]
+    kept = np.array([True, True, False, False, False])
+    codes = np.tile(SAME_CODE, (5, 1))
+    g = group_near_duplicates(codes, thumbnails(crops), radius=0, content=content, kept=kept, rank=np.arange(5)[::-1])
+    assert g.group.tolist() == [0, 1, 1, 0, 1]  # A~B, yet B stays a keeper; C (not ~A) and B's copy join B
+    fresh = group_near_duplicates(codes, thumbnails(crops), radius=0, content=content)
+    assert fresh.group.tolist() == [0, 0, 2, 0, 0]  # without them, B would join A and C keep alone
