@@ -176,6 +176,12 @@ def register_run(
     return entry
 
 
+def metric_text(metrics: dict, name: str) -> str:
+    """A metric as `models` and the retrain report both show it (4 significant digits; '-' when absent)."""
+    value = metrics.get(name)
+    return "-" if value is None else f"{value:.4g}"
+
+
 def _metric(metrics: dict, metric: str, whose: str) -> float:
     value = metrics.get(metric)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -234,7 +240,8 @@ def challenge(
     """Pit a registered run against the champion with `decide`; promote it if it wins. Both outcomes are logged.
 
     `champion_metrics` replaces the champion's stored metrics, for a champion re-measured on
-    the challenger's protocol (a dataset that grew has new reference images).
+    the challenger's protocol (a dataset that grew has new reference images): the registry then
+    holds the numbers the decision used, so `models` and the retrain report show the same.
     """
     with _updating(work) as registry:
         if run not in registry.runs:
@@ -242,6 +249,10 @@ def challenge(
         champ = registry.champion
         if champ is not None and champion_metrics is None:
             champion_metrics = registry.runs[champ].metrics
+        elif champ is not None and champion_metrics is not None:
+            _check_json("metrics", champion_metrics)
+            registry.runs[champ].metrics = champion_metrics
+            registry.history.append({"at": _now(), "action": "re-measure", "run": champ})
         decision = decide(champion_metrics if champ is not None else None, registry.runs[run].metrics, metric, margin)
         registry.history.append(
             {

@@ -15,7 +15,15 @@ from prefect.logging import get_run_logger
 
 from dcgan.checkpoint import list_checkpoints
 from dcgan.evaluation.fixed_protocol import comparison_figure, fixed_protocol
-from dcgan.registry import Decision, Registry, challenge, load_registry, reference_settings, register_run
+from dcgan.registry import (
+    Decision,
+    Registry,
+    challenge,
+    load_registry,
+    metric_text,
+    reference_settings,
+    register_run,
+)
 from dcgan.settings import RetrainSettings, TrainSettings
 from dcgan.train import resolve_device
 from flows.config import stage_settings
@@ -70,8 +78,13 @@ def decide_and_report(
     decision: Decision = challenge(
         w, challenger, metric=settings.metric, margin=settings.margin, champion_metrics=champion_metrics
     )
+    runs = load_registry(w).runs  # the report shows what the registry holds: one source for both
     rows = [
-        (name, f"{champion_metrics[name]:.4g}" if champion_metrics else "-", f"{metrics[name]:.4g}")
+        (
+            name,
+            metric_text(runs[champion].metrics, name) if champion else "-",
+            metric_text(runs[challenger].metrics, name),
+        )
         for name in ("swd", "fid", "kid", "memorisation_ratio")
         if name in metrics
     ]

@@ -95,6 +95,9 @@ def test_register_challenge_and_promote_keep_a_history(tmp_path: Path) -> None:
     fresh = metrics(60.0)  # the champion re-measured on a new protocol replaces its stored metrics
     register_run(tmp_path, "run-c", tmp_path / "train/run-c", 3, {}, metrics(55.0))
     assert challenge(tmp_path, "run-c", champion_metrics=fresh).promote
+    registry = load_registry(tmp_path)
+    assert registry.runs["run-b"].metrics == fresh  # one source: what the decision used is what models shows
+    assert [h["action"] for h in registry.history][-2:] == ["re-measure", "promote"]
 
 
 def test_bad_requests_are_clear_errors_and_change_nothing(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from dcgan.registry import load_registry, registry_path
+from dcgan.registry import load_registry, metric_text, registry_path
 from flows.cli import app
 from preprocessing.locks import hold, lock_path
 
@@ -47,7 +47,12 @@ def test_retrain_waits_for_new_data_and_promotes_only_a_better_model(prefect_api
     challenger = next(n for n in registry.runs if n.startswith("retrain-v2-"))
     assert registry.champion == "base" and registry.runs[challenger].settings["steps"] == 2  # the champion's settings
     assert [h["action"] for h in registry.history][-1] == "keep"
-    assert "Kept the champion" in (work / "reports" / "retrain.md").read_text()
+    report = (work / "reports" / "retrain.md").read_text()
+    assert "Kept the champion" in report
+    listed = runner.invoke(app, ["models", "--work", str(work)]).output
+    for run in ("base", challenger):  # one source: the report and `models` show the same measurement
+        swd = metric_text(registry.runs[run].metrics, "swd")
+        assert f" {swd} " in report and f" {swd} " in listed, (swd, report, listed)
     tried = runner.invoke(app, ["retrain", "--work", str(work)])  # the same data again: that challenger lost
     assert tried.exit_code == 0 and "skipped" in tried.output and challenger in tried.output
 
@@ -90,6 +95,7 @@ def test_generate_and_export_the_champion(prefect_api: None, work: Path, tmp_pat
     assert runner.invoke(app, ["train", "--work", str(work), "--resolution", "32", "--run", "g", *TINY]).exit_code == 0
     pngs = runner.invoke(app, ["generate", "--work", str(work), "--run", "g", "--n", "5", "--out", str(tmp_path / "s")])
     assert pngs.exit_code == 0, pngs.output
+    assert f"Wrote 5 PNG files in {tmp_path / 's'}, from g at step 2 (z seed 0).\n" in pngs.output
     files = sorted((tmp_path / "s").glob("*.png"))
     assert len(files) == 5 and Image.open(files[0]).size == (32, 32)
     tar = runner.invoke(
@@ -101,6 +107,9 @@ def test_generate_and_export_the_champion(prefect_api: None, work: Path, tmp_pat
         app, ["export", "--work", str(work), "--run", "g", "--format", "torchscript", "--out", str(out)]
     )
     assert exported.exit_code == 0 and out.exists(), exported.output
+    said = exported.output.strip().splitlines()[-1]
+    assert said.startswith("Exported the generator of g (step 2) as torchscript to ") and said.endswith(".")
+    assert "{" not in exported.output and "matches PyTorch on the same z's" in said
     bad = runner.invoke(app, ["export", "--work", str(work), "--run", "g", "--format", "pickle", "--out", str(out)])
     assert bad.exit_code == 2 and "torchscript" in bad.output
 

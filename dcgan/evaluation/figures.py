@@ -38,9 +38,22 @@ def captioned_grid(
     return grid
 
 
+def wrap(text: str, width: int, scale: float = 0.35) -> list[str]:
+    """`text` in lines that fit `width` px at the captions' font (words are not split)."""
+    lines = [""]
+    for word in text.split():
+        line = f"{lines[-1]} {word}".strip()
+        if lines[-1] and cv2.getTextSize(line, _FONT, scale, 1)[0][0] > width:
+            lines.append(word)
+        else:
+            lines[-1] = line
+    return lines
+
+
 def titled(image: np.ndarray, title: str) -> np.ndarray:
-    """The image under a one-line title."""
-    return np.concatenate([caption_strip(title, image.shape[1], 18), image])
+    """The image under its title, wrapped onto as many lines as the image's width needs."""
+    strips = [caption_strip(line, image.shape[1], 18) for line in wrap(title, image.shape[1] - 4)]
+    return np.concatenate([*strips, image])
 
 
 def side_by_side(left: np.ndarray, right: np.ndarray, gap: int = 12) -> np.ndarray:
