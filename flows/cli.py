@@ -370,7 +370,7 @@ def models(
     """The model registry: every registered run with its dataset version and metrics, the champion marked."""
     import getpass
 
-    from dcgan.registry import load_registry
+    from dcgan.registry import load_registry, metric_text
     from dcgan.registry import promote as promote_run
 
     if promote is not None:
@@ -382,11 +382,11 @@ def models(
     typer.echo(f"{'':2}{'run':32} {'data v':>6} {'step':>7} {'swd':>9} {'fid':>8} {'memo':>6}  registered")
     for name, entry in sorted(registry.runs.items(), key=lambda kv: kv[1].registered_at):
         m = entry.metrics
-        fid = f"{m['fid']:.2f}" if "fid" in m else "-"
         mark = "* " if name == registry.champion else "  "
+        swd, fid, memo = (metric_text(m, k) for k in ("swd", "fid", "memorisation_ratio"))
         typer.echo(
-            f"{mark}{name:32} {entry.dataset_version:>6} {m.get('step', 0):>7} {m.get('swd', float('nan')):>9.2f} "
-            f"{fid:>8} {m.get('memorisation_ratio', float('nan')):>6.2f}  {entry.registered_at}"
+            f"{mark}{name:32} {entry.dataset_version:>6} {m.get('step', 0):>7} {swd:>9} {fid:>8} {memo:>6}  "
+            f"{entry.registered_at}"
         )
     typer.echo("* champion" if registry.champion else "no champion yet")
 
@@ -405,8 +405,10 @@ def generate(
     from dcgan.export import generate_samples
     from dcgan.train import resolve_device
 
-    r = generate_samples(_run_dir(work, run), n, out, seed=seed, device=str(resolve_device(device)))
-    typer.echo(f"{n} samples -> {out} ({r})")
+    run_dir = _run_dir(work, run)
+    r = generate_samples(run_dir, n, out, seed=seed, device=str(resolve_device(device)))
+    what = "PNG files in" if r["format"] == "png" else "samples in the WebDataset tar"
+    typer.echo(f"Wrote {n} {what} {out}, from {run_dir.name} at step {r['step']} (z seed {seed}).")
 
 
 @app.command()
@@ -420,9 +422,12 @@ def export(
     """Export a run's generator, checked against PyTorch on the same z's (to 1e-4)."""
     from dcgan.export import export_generator
 
-    r = export_generator(_run_dir(work, run), fmt, out)
+    run_dir = _run_dir(work, run)
+    r = export_generator(run_dir, fmt, out)
     typer.echo(
-        f"{r['format']} generator -> {r['path']} (z: {r['nz']}-d {r['noise']}, max |diff| {r['max_abs_diff']:.2g})"
+        f"Exported the generator of {run_dir.name} (step {r['step']}) as {r['format']} to {r['path']}: it maps "
+        f"{r['nz']}-d {r['noise']} z's to {r['resolution']} px images in [-1, 1], and matches PyTorch on the "
+        f"same z's to {r['max_abs_diff']:.2g}."
     )
 
 
@@ -461,7 +466,7 @@ def verify(
 def run_config(
     config: Annotated[Path, typer.Option(help="pipeline YAML (see configs/)")],
     refresh: Annotated[
-        list[str] | None, typer.Option(help="stage to redo: extract, dedup or shard; repeatable")
+        list[str] | None, typer.Option(help="stage to redo: extract, dedup, shard or train; repeatable")
     ] = None,
 ) -> None:
     """The full DAG from a YAML config, validated whole before the first stage runs."""
