@@ -27,6 +27,7 @@ from dcgan.registry import (
 from dcgan.settings import RetrainSettings, TrainSettings
 from dcgan.train import resolve_device
 from flows.config import stage_settings
+from flows.progress import follow_subflows
 from flows.reports import publish
 from flows.runtime import stage_lock
 from flows.train import check_train, train_flow
@@ -121,6 +122,7 @@ def retrain_flow(
     retrain of the same work directory waits for the first (then finds nothing to do), or
     fails at once with `lock.wait` off.
     """
+    follow_subflows()  # its training and measuring on this run too, where `--watch` shows them
     w = Path(work)
     with stage_lock(w, "retrain", "retrain", lock):
         registry, index = load_registry(w), read_index(w / "shards")

@@ -6,6 +6,10 @@
 #   scripts/prefect_server.sh status   what is running
 #   scripts/prefect_server.sh down     stop workers (and their flow runs), then the server
 #
+# `up` also writes one line, PREFECT_API_URL=..., into the .env of the repository root (Prefect reads
+# ./.env), so that `prefect ...` typed in any shell at the root talks to this server; `down` removes
+# that line again (and the file, if `up` created it). A PREFECT_API_URL line of your own is left alone.
+#
 # Every command is idempotent. Environment:
 #   PORT            API port (default 4200); `up` records it, later commands reuse it
 #   PREFECT_SERVER_API_HOST  bind address (default 127.0.0.1)
@@ -13,6 +17,7 @@
 #   GPU_SLOTS       concurrency limit of the gpu pool (default 1: one training at a time)
 #   STARTUP_TIMEOUT seconds to wait for the server (default 120)
 #   PREFECT_WORKER_QUERY_SECONDS  worker poll interval (Prefect default 10)
+#   DOTENV          the .env file `up` writes PREFECT_API_URL into (default <repo>/.env; empty: none)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -21,6 +26,10 @@ cd "$ROOT" # prefect.yaml and prefect.toml are read from the current directory
 export DO_NOT_TRACK=1
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_CLI_PROMPT=false
+# `prefect deployment run --watch` prints the run's events and its logs; the logs come over a
+# websocket that a Prefect 3.9 server only serves with these two on (both off by default).
+export PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED=${PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED:-true}
+export PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED=${PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED:-true}
 # Absolute, so that every child agrees whatever its working directory (prefect.toml says ".prefect").
 PREFECT_HOME=${PREFECT_HOME:-$ROOT/.prefect}
 mkdir -p "$PREFECT_HOME"
@@ -36,6 +45,7 @@ if [[ -z ${PORT:-} && -f $RUN_DIR/port ]]; then
 fi
 PORT=${PORT:-4200}
 export PREFECT_API_URL="http://$HOST:$PORT/api"
+DOTENV=${DOTENV-$ROOT/.env}
 
 say() { printf '[prefect_server] %s\n' "$*"; }
 die() {
@@ -133,6 +143,99 @@ stop() { # stop NAME: its flow runs first (so the worker reports them Crashed), 
     say "$name: stopped"
 }
 
+dotenv() { # dotenv set|unset|show: our PREFECT_API_URL line in $DOTENV (state in $RUN_DIR/dotenv)
+    # The line names the PREFECT_HOME whose server it points at, so that `down` removes only its own
+    # line (a test's server on another port never touches the line of yours) and `up` replaces a
+    # line whose server is gone. Prefect (python-dotenv) ends an unquoted value at " #".
+    "${PYTHON:-python3}" - "$1" "$DOTENV" "$PREFECT_API_URL" "$PREFECT_HOME" "$RUN_DIR/dotenv" <<'EOF'
+import json, os, re, sys, tempfile, urllib.request
+from pathlib import Path
+
+action, default_path, url, home, state_path = sys.argv[1:]
+state_file = Path(state_path)
+state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+path = Path(state.get("path") or default_path) if action == "unset" else Path(default_path)
+MARK = re.compile(r"PREFECT_API_URL=(\S*) +# scripts/prefect_server\.sh up \(PREFECT_HOME=(.*)\); `down` removes this line")
+ANY = re.compile(r"\s*(?:export\s+)?PREFECT_API_URL\s*=\s*(.*)")
+line = f"PREFECT_API_URL={url}  # scripts/prefect_server.sh up (PREFECT_HOME={home}); `down` removes this line\n"
+
+
+def say(msg):
+    print(f"[prefect_server] {msg}")
+
+
+def answers(api):
+    try:
+        urllib.request.urlopen(f"{api}/health", timeout=3)
+        return True
+    except Exception:
+        return False
+
+
+def write(text):
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".env.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+text = path.read_text() if path.is_file() else ""
+lines = text.splitlines(keepends=True)
+marked = [(i, MARK.fullmatch(l.rstrip("\r\n"))) for i, l in enumerate(lines)]
+mine = [i for i, m in marked if m and m.group(2) == home]
+theirs = [(i, m) for i, m in marked if m and m.group(2) != home]
+own = [l for i, l in enumerate(lines) if ANY.match(l) and not marked[i][1]]
+
+if action == "show":
+    if mine:
+        say(f"{path}: PREFECT_API_URL={marked[mine[0]][1].group(1)} (written by up: prefect commands run in {path.parent} use this server)")
+    elif own or theirs:
+        say(f"{path}: {(own[0] if own else lines[theirs[0][0]]).strip()} (not this server's)")
+    else:
+        say(f"{path}: no PREFECT_API_URL")
+elif action == "set":
+    if own:
+        say(f"{path}: keeps your own {own[0].strip()}; prefect commands run from {path.parent} use that")
+        sys.exit(0)
+    live = [(i, m) for i, m in theirs if answers(m.group(1))]
+    if live:
+        m = live[0][1]
+        say(f"{path}: left as is; it points at {m.group(1)}, the server of PREFECT_HOME={m.group(2)}, which answers")
+        sys.exit(0)
+    stale = {i for i, _ in theirs}
+    if [lines[i] for i in mine] == [line]:
+        say(f"{path}: PREFECT_API_URL={url} (already there)")
+        sys.exit(0)
+    if mine:  # same server, another port: rewrite our line in place
+        lines = [line if i == mine[0] else l for i, l in enumerate(lines) if i not in stale and i not in mine[1:]]
+        write("".join(lines))
+    else:
+        kept = "".join(l for i, l in enumerate(lines) if i not in stale)
+        newline = bool(kept) and not kept.endswith("\n")
+        created = not path.exists()
+        write(kept + ("\n" if newline else "") + line)
+        state_file.write_text(json.dumps({"path": str(path), "created": created, "newline_added": newline}))
+    say(f"{path}: PREFECT_API_URL={url} (prefect commands run from {path.parent} use this server; `down` removes it)")
+elif action == "unset":
+    if not mine:
+        state_file.unlink(missing_ok=True)
+        sys.exit(0)
+    last = mine[-1] == len(lines) - 1
+    kept = "".join(l for i, l in enumerate(lines) if i not in mine)
+    if last and state.get("newline_added") and kept.endswith("\n"):
+        kept = kept[:-1]
+    if not kept and state.get("created"):
+        path.unlink()
+        say(f"{path}: removed (up had created it)")
+    else:
+        write(kept)
+        say(f"{path}: PREFECT_API_URL line removed")
+    state_file.unlink(missing_ok=True)
+EOF
+}
+
 deploy_fingerprint() {
     cat prefect.yaml flows/*.py | cksum | cut -d' ' -f1
     echo "$PREFECT_API_URL"
@@ -165,6 +268,7 @@ cmd_up() {
         say "server: healthy after $((SECONDS - t0)) s (pid $(pid_of server))"
     fi
     echo "$PORT" >"$RUN_DIR/port"
+    [[ -z $DOTENV ]] || dotenv set
 
     local pool pools limit
     # one CLI call (each costs seconds): "name=concurrency_limit ..." of the existing pools
@@ -218,6 +322,7 @@ cmd_down() {
     local pool
     for pool in "${POOLS[@]}"; do stop "worker-$pool"; done
     stop server
+    [[ -z $DOTENV && ! -f $RUN_DIR/dotenv ]] || dotenv unset
     rm -f "$RUN_DIR/deployed"
     say "down (database kept in $PREFECT_HOME)"
 }
@@ -233,6 +338,7 @@ cmd_status() {
     for pool in "${POOLS[@]}"; do
         if pid=$(pid_of "worker-$pool"); then say "worker $pool: running (pid $pid)"; else say "worker $pool: not running"; rc=1; fi
     done
+    [[ -z $DOTENV ]] || dotenv show
     if healthy; then prefect deployment ls; fi
     return $rc
 }
@@ -249,7 +355,7 @@ up | down | status | run)
     "cmd_$c" "$@"
     ;;
 *)
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac
