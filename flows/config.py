@@ -27,7 +27,7 @@ from preprocessing.settings import (
     describe_errors,
 )
 
-STAGES = ("extract", "dedup", "shard")
+STAGES = ("extract", "dedup", "shard", "train")
 
 
 class LsunSource(Settings):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
 import numpy as np
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from torch import nn
 
 from dcgan.evaluation.arithmetic import parse_arithmetic, vector_arithmetic
 from dcgan.evaluation.cifar import cifar10_protocol, seeded
@@ -26,13 +29,13 @@ from dcgan.evaluation.quality import (
     real_images,
     sliced_wasserstein_distance,
 )
-from dcgan.evaluation.report import inline_figures, render_report
+from dcgan.evaluation.report import render_report
 from dcgan.evaluation.runs import load_run
 from dcgan.evaluation.sample_sheet import SHEET_SEED, SHEET_SIZE, numbered_sheet, sheet_noise
 from dcgan.evaluation.svhn import load_svhn_mat, svhn_protocol
 from dcgan.settings import EvaluateSettings
 from dcgan.train import resolve_device
-from flows.reports import publish, report_key
+from flows.reports import create_report_artifact, publish, report_key
 from preprocessing.atomic import atomic_write_bytes, atomic_write_json
 from preprocessing.preview import tile
 
@@ -48,6 +51,51 @@ def _checkpoint(checkpoint: str | None) -> Path | None:
     return Path(checkpoint) if checkpoint else None
 
 
+# The run being evaluated, loaded once per evaluation flow run (by check_inputs). The tasks receive
+# paths (the run directory and the checkpoint check_inputs resolved), never the models, as DESIGN
+# asks of data between tasks: each task gets its models from here, as copies, so no task sees
+# another's changes (a D moved to the GPU, a copy re-seeded). An entry lives while a flow run that
+# loaded it runs (`_loaded_once`), then the memory is freed; the key holds the checkpoint's size
+# and mtime, so a checkpoint replaced meanwhile is read again, never served stale.
+Loaded = tuple[dict, nn.Module, nn.Module, int]
+_LOADED: dict[tuple, list] = {}  # key -> [(cfg, G, D, step), flow runs holding it]
+_LOADED_LOCK = threading.Lock()
+
+
+def _run_key(run: str, checkpoint: str) -> tuple:
+    st = Path(checkpoint).stat()
+    return str(Path(run).resolve()), str(Path(checkpoint).resolve()), st.st_mtime_ns, st.st_size
+
+
+@contextmanager
+def _loaded_once(run: str, checkpoint: str, loaded: Loaded) -> Iterator[None]:
+    """Hand `loaded` (load_run's result for `checkpoint`) to the tasks of this flow run while it runs."""
+    key = _run_key(run, checkpoint)
+    with _LOADED_LOCK:
+        entry = _LOADED.setdefault(key, [loaded, 0])  # an evaluation of the same file already running: share
+        entry[1] += 1
+    try:
+        yield
+    finally:
+        with _LOADED_LOCK:
+            entry[1] -= 1
+            if entry[1] == 0 and _LOADED.get(key) is entry:
+                del _LOADED[key]
+
+
+def run_models(run: str, checkpoint: str) -> Loaded:
+    """(config, G, D, step) of `run` at `checkpoint`: copies of the flow run's loaded models.
+
+    A task run outside an evaluation flow run (or after the checkpoint changed) loads it itself.
+    """
+    with _LOADED_LOCK:
+        entry = _LOADED.get(_run_key(run, checkpoint))
+    if entry is None:
+        return load_run(Path(run), Path(checkpoint))
+    cfg, G, D, step = entry[0]
+    return copy.deepcopy(cfg), copy.deepcopy(G), copy.deepcopy(D), step
+
+
 def _save_figure(run: str, name: str, rgb: np.ndarray) -> None:
     figures = eval_dir_for(Path(run)) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -58,8 +106,8 @@ def _save_figure(run: str, name: str, rgb: np.ndarray) -> None:
 
 
 @task
-def cifar10_task(run: str, checkpoint: str | None, settings: EvaluateSettings, device: str) -> dict:
-    cfg, _, D, step = load_run(Path(run), _checkpoint(checkpoint))
+def cifar10_task(run: str, checkpoint: str, settings: EvaluateSettings, device: str) -> dict:
+    cfg, _, D, step = run_models(run, checkpoint)
     random_d = seeded(copy.deepcopy(D), seed=RANDOM_D_SEED)
     results = cifar10_protocol(
         D,
@@ -82,9 +130,9 @@ def cifar10_task(run: str, checkpoint: str | None, settings: EvaluateSettings, d
 
 
 @task
-def samples_task(run: str, checkpoint: str | None, n: int) -> dict:
+def samples_task(run: str, checkpoint: str, n: int) -> dict:
     """SWD between generated and training images, memorisation, plus sample and latent-walk grids."""
-    cfg, G, D, step = load_run(Path(run), _checkpoint(checkpoint))
+    cfg, G, D, step = run_models(run, checkpoint)
     real, fake = real_and_generated(G, cfg, n)
     held = max(1, len(real) // 8)
     memo, neighbours = memorisation_check(fake[:256], real[held:], real[:held], D)
@@ -105,9 +153,9 @@ def samples_task(run: str, checkpoint: str | None, n: int) -> dict:
 
 
 @task
-def sample_sheet_task(run: str, checkpoint: str | None) -> dict:
+def sample_sheet_task(run: str, checkpoint: str) -> dict:
     """The numbered sheet users pick arithmetic exemplars and draw boxes on, and its z's."""
-    cfg, G, _, _ = load_run(Path(run), _checkpoint(checkpoint))
+    cfg, G, _, _ = run_models(run, checkpoint)
     z = sheet_noise(cfg)
     _save_figure(run, "sample_sheet", numbered_sheet(generate(G, z)))
     z_path = eval_dir_for(Path(run)) / "sample_sheet_z.npy"
@@ -116,9 +164,9 @@ def sample_sheet_task(run: str, checkpoint: str | None) -> dict:
 
 
 @task
-def fid_task(run: str, checkpoint: str | None, inception: str, n: int, device: str) -> dict:
+def fid_task(run: str, checkpoint: str, inception: str, n: int, device: str) -> dict:
     """FID and KID between generated and training images, on the user's Inception weights."""
-    cfg, G, _, _ = load_run(Path(run), _checkpoint(checkpoint))
+    cfg, G, _, _ = run_models(run, checkpoint)
     real, fake = real_and_generated(G, cfg, n)
     net = load_inception(Path(inception))
     f_real, f_fake = pool3_features(net, real, device=device), pool3_features(net, fake, device=device)
@@ -133,9 +181,9 @@ def fid_task(run: str, checkpoint: str | None, inception: str, n: int, device: s
 
 
 @task
-def guided_backprop_task(run: str, checkpoint: str | None, n: int) -> dict:
+def guided_backprop_task(run: str, checkpoint: str, n: int) -> dict:
     """Guided backprop of the top features of the trained D and of a random D, on training images."""
-    cfg, _, D, _ = load_run(Path(run), _checkpoint(checkpoint))
+    cfg, _, D, _ = run_models(run, checkpoint)
     images = real_images(cfg["shards"], n, seed=1)
     figure, summary = trained_vs_random(D, seeded(copy.deepcopy(D), seed=RANDOM_D_SEED), images)
     _save_figure(run, "guided_backprop", figure)
@@ -143,16 +191,16 @@ def guided_backprop_task(run: str, checkpoint: str | None, n: int) -> dict:
 
 
 @task
-def arithmetic_task(run: str, checkpoint: str | None, concepts: str, expression: str) -> dict:
-    cfg, G, _, _ = load_run(Path(run), _checkpoint(checkpoint))
+def arithmetic_task(run: str, checkpoint: str, concepts: str, expression: str) -> dict:
+    cfg, G, _, _ = run_models(run, checkpoint)
     figure, summary = vector_arithmetic(G, sheet_noise(cfg), parse_arithmetic(concepts, expression, SHEET_SIZE))
     _save_figure(run, "vector_arithmetic", figure)
     return summary
 
 
 @task
-def removal_task(run: str, checkpoint: str | None, boxes: str) -> dict:
-    cfg, G, _, _ = load_run(Path(run), _checkpoint(checkpoint))
+def removal_task(run: str, checkpoint: str, boxes: str) -> dict:
+    cfg, G, _, _ = run_models(run, checkpoint)
     parsed = load_boxes(Path(boxes), cfg["resolution"], SHEET_SIZE)
     images, summary = feature_map_removal(G, sheet_noise(cfg), parsed, cfg["resolution"])
     _save_figure(run, "feature_removal", before_after_grid(images, summary["annotated_samples"]))
@@ -160,8 +208,8 @@ def removal_task(run: str, checkpoint: str | None, boxes: str) -> dict:
 
 
 @task
-def svhn_task(run: str, checkpoint: str | None, settings: EvaluateSettings, device: str) -> dict:
-    _, _, D, _ = load_run(Path(run), _checkpoint(checkpoint))
+def svhn_task(run: str, checkpoint: str, settings: EvaluateSettings, device: str) -> dict:
+    _, _, D, _ = run_models(run, checkpoint)
     train = load_svhn_mat(Path(settings.svhn) / "train_32x32.mat")
     test = load_svhn_mat(Path(settings.svhn) / "test_32x32.mat")
     return svhn_protocol(
@@ -191,7 +239,7 @@ def write_report(run: str, metrics: dict) -> str:
         Path(run).parent.parent, f"eval-{Path(run).name}", summary, (out / "figures" / "latent_walks.png").read_bytes()
     )
     key = report_key(f"eval-{Path(run).name}-report")
-    create_markdown_artifact(inline_figures(md, out), key=key, description="dcgan-pipeline: full evaluation report")
+    create_report_artifact(md, out, key=key, description="dcgan-pipeline: full evaluation report")
     return str(out)
 
 
@@ -208,28 +256,31 @@ def evaluate_flow(
     guided backpropagation. With their inputs: FID/KID (`settings.inception`: a local weights
     file), the CIFAR-10 and SVHN protocols, and, picked on the sample sheet of an earlier
     evaluation, vector arithmetic (`settings.arithmetic` + `settings.expression`) and feature-map removal
-    (`boxes`). Every input is checked before anything is written.
+    (`boxes`). Every input is checked before anything is written. The run is read from disk once,
+    by that check; the tasks receive its directory and the checkpoint it resolved (see `run_models`).
     """
-    check_inputs(
+    checked = check_inputs(  # loads the run: the evaluation's one load_run
         Path(run),
         settings,
         checkpoint=_checkpoint(checkpoint),
         boxes=Path(boxes) if boxes else None,
     )
-    device = str(resolve_device(settings.device))
-    s = settings
-    metrics: dict = {"samples": samples_task(run, checkpoint, s.swd_images)}
-    metrics["step"] = metrics["samples"].pop("step")
-    metrics["sample_sheet"] = sample_sheet_task(run, checkpoint)
-    metrics["guided_backprop"] = guided_backprop_task(run, checkpoint, s.guided_images)
-    if s.inception is not None:
-        metrics["fid"] = fid_task(run, checkpoint, s.inception, s.swd_images, device)
-    if s.arithmetic is not None:
-        metrics["arithmetic"] = arithmetic_task(run, checkpoint, s.arithmetic, s.expression)
-    if boxes is not None:
-        metrics["feature_removal"] = removal_task(run, checkpoint, boxes)
-    if s.cifar10 is not None:
-        metrics.update(cifar10_task(run, checkpoint, s, device))
-    if s.svhn is not None:
-        metrics["svhn"] = svhn_task(run, checkpoint, s, device)
+    ckpt = str(checked.checkpoint)  # every task evaluates this one, even if a newer one appears meanwhile
+    with _loaded_once(run, ckpt, checked.loaded):
+        device = str(resolve_device(settings.device))
+        s = settings
+        metrics: dict = {"samples": samples_task(run, ckpt, s.swd_images)}
+        metrics["step"] = metrics["samples"].pop("step")
+        metrics["sample_sheet"] = sample_sheet_task(run, ckpt)
+        metrics["guided_backprop"] = guided_backprop_task(run, ckpt, s.guided_images)
+        if s.inception is not None:
+            metrics["fid"] = fid_task(run, ckpt, s.inception, s.swd_images, device)
+        if s.arithmetic is not None:
+            metrics["arithmetic"] = arithmetic_task(run, ckpt, s.arithmetic, s.expression)
+        if boxes is not None:
+            metrics["feature_removal"] = removal_task(run, ckpt, boxes)
+        if s.cifar10 is not None:
+            metrics.update(cifar10_task(run, ckpt, s, device))
+        if s.svhn is not None:
+            metrics["svhn"] = svhn_task(run, ckpt, s, device)
     return {**metrics, "eval_dir": write_report(run, metrics)}

@@ -24,10 +24,11 @@ from flows.dedup import dedup_flow
 from flows.evaluate import evaluate_flow
 from flows.lsun import check_lsun, lsun_extract_flow
 from flows.photos import faces_flow, ingest_flow
+from flows.progress import follow_subflows
 from flows.reports import stage_markdown
 from flows.runners import check_runner
 from flows.shard import announce_new_version, shard_flow
-from flows.train import train_flow
+from flows.train import report_skipped_training, train_flow, trained_already
 from preprocessing.atomic import atomic_write_bytes
 from preprocessing.demo_data import build_demo_lmdb
 from preprocessing.photo_stages import face_plan
@@ -103,7 +104,13 @@ def write_pipeline_report(work: str, names: list[str]) -> str:
 
 @flow(name="pipeline")
 def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None = None) -> dict:
-    """Run every stage of the config in order; `refresh` names stages to redo from scratch."""
+    """Run every stage of the config in order; `refresh` names stages to redo from scratch.
+
+    Training (and its evaluation) is skipped when a registered run already trained on the
+    current shard version with the same training settings (see `trained_already`); the report
+    says which run. `refresh: [train]` trains anyway.
+    """
+    follow_subflows()  # the stages' logs on this run too, where `prefect deployment run --watch` shows them
     cfg = load_config(config)
     refresh = refresh or []
     check_pipeline(cfg, refresh)
@@ -121,9 +128,15 @@ def pipeline_flow(config: str = "configs/demo.yaml", refresh: list[str] | None =
     reports.append("shards")
     trained = evaluated = None
     if cfg.train.enabled:
-        trained = train_flow(cfg.work, stage_settings(TrainSettings, cfg.train), lock=cfg.lock)
-        reports.append(f"train-{Path(trained['run_dir']).name}")
-        if cfg.evaluate.enabled:
+        train_settings = stage_settings(TrainSettings, cfg.train)
+        done = None if "train" in refresh else trained_already(cfg.work, train_settings)
+        if done is not None:  # the same shards and settings: training again would make that run again
+            trained = report_skipped_training(cfg.work, done)
+            reports.append("training-skipped")
+        else:
+            trained = train_flow(cfg.work, train_settings, lock=cfg.lock)
+            reports.append(f"train-{Path(trained['run_dir']).name}")
+        if cfg.evaluate.enabled and done is None:
             evaluated = evaluate_flow(trained["run_dir"], stage_settings(EvaluateSettings, cfg.evaluate))
             reports.append(f"eval-{Path(trained['run_dir']).name}")
     if shards and shards["added"]:

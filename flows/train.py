@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
+from dcgan.checkpoint import list_checkpoints
 from dcgan.data import shard_urls
 from dcgan.evaluation.fixed_protocol import fixed_protocol
 from dcgan.launch import run_dir_for, run_training
@@ -24,6 +25,73 @@ def check_train(work: str, settings: TrainSettings) -> None:
     """Fail before any work: the device exists here, and the shards hold images at this resolution."""
     resolve_device(settings.device)
     shard_urls(Path(work) / "shards", settings.resolution)
+
+
+def training_settings(settings: dict) -> dict:
+    """The training settings (every `TrainSettings` field) of a registered run's settings, as JSON values.
+
+    A registry entry holds more (the run's paths, a retrain's comparison settings): those do not
+    say how the model was trained. A field the entry lacks (registered before the field existed)
+    counts as its default.
+    """
+    return {k: settings.get(k, f.get_default(call_default_factory=True)) for k, f in TrainSettings.model_fields.items()}
+
+
+def trained_already(work: str, settings: TrainSettings) -> dict | None:
+    """A registered run that trained on the current shard version with these training settings, or None.
+
+    Training is a function of the shards and the settings (the seed among them), so such a run
+    is what training again would make. Any registered run counts, not only the champion: a run
+    that was never promoted (`models`, `retrain` decide) would still be trained again for
+    nothing. The champion is named first when it matches; a run whose checkpoints are gone does
+    not count.
+    """
+    registry = load_registry(Path(work))
+    shards = Path(work) / "shards"
+    if not registry.runs or not (shards / "index.json").is_file():
+        return None
+    version = read_index(shards)["version"]
+    wanted = training_settings(settings.model_dump(mode="json"))
+    order = {name: i for i, name in enumerate(registry.runs)}  # breaks ties of registered_at (seconds)
+
+    def rank(name: str) -> tuple:  # the champion, then the newest
+        return name == registry.champion, registry.runs[name].registered_at, order[name]
+
+    for name in sorted(registry.runs, key=rank, reverse=True):
+        entry = registry.runs[name]
+        if entry.dataset_version != version or training_settings(entry.settings) != wanted:
+            continue
+        ckpts = list_checkpoints(Path(entry.run_dir))
+        if not ckpts:
+            continue
+        samples = sorted((Path(entry.run_dir) / "samples").glob("step-*.png"))
+        who = f"the champion {name}" if name == registry.champion else f"run {name} (not the champion)"
+        return {
+            "skipped": f"{who} already trained on shard version {version} with these training settings",
+            "run": name,
+            "run_dir": entry.run_dir,
+            "checkpoint": str(ckpts[-1]),
+            "samples": str(samples[-1]) if samples else None,
+            "dataset_version": version,
+        }
+    return None
+
+
+@task
+def report_skipped_training(work: str, done: dict) -> dict:
+    """Say why nothing was trained (log, stage report `training-skipped`); returns `done`."""
+    get_run_logger().info("training skipped: %s", done["skipped"])
+    run_dir = done["run_dir"]
+    evaluation = Path(run_dir).parent.parent / "eval" / Path(run_dir).name / "report.md"
+    md = (
+        f"# Training: skipped\n\nNothing trained: {done['skipped']} (`{run_dir}`, checkpoint "
+        f"`{Path(done['checkpoint']).name}`). New shards or other training settings train a new run; "
+        "`dcgan-pipeline run --refresh train` (the pipeline's parameter `refresh: [train]`) trains one anyway.\n\n"
+        f"Evaluation skipped too: `dcgan-pipeline evaluate --run {run_dir}` evaluates that run"
+        + (f" (its last evaluation: `{evaluation}`).\n" if evaluation.is_file() else ".\n")
+    )
+    publish(Path(work), "training-skipped", md)
+    return done
 
 
 @task

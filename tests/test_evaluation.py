@@ -170,7 +170,7 @@ def test_evaluate_cli_writes_metrics_and_report(
     with get_client(sync_client=True) as client:
         artifact = client.read_artifacts()
     full = [a for a in artifact if a.key == "eval-eval-run-report"]
-    assert full and full[0].data.count("data:image/png;base64,") == 7
+    assert full and full[0].data.count("](data:image/") == 7 and len(full[0].data) <= 500_000  # thumbnails
 
     bad = runner.invoke(app, ["evaluate", "--run", str(tiny_run), "--cifar10", str(tmp_path)])
     assert bad.exit_code == 2 and "train.parquet" in bad.output
@@ -582,3 +582,60 @@ def test_every_bad_input_is_rejected_before_anything_is_written(tiny_run: Path, 
     rejects("Inception weights not found", inception=tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match="holds no checkpoints"):
         check_inputs(tmp_path, EvaluateSettings())
+
+
+def _count_load_run(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Every load_run of the evaluation code (each module binds its own name), recorded."""
+    import dcgan.evaluation.inputs
+    import flows.evaluate
+
+    calls: list[tuple] = []
+
+    def spy(*args: object) -> tuple:
+        calls.append(args)
+        return load_run(*args)
+
+    for module in (flows.evaluate, dcgan.evaluation.inputs):
+        monkeypatch.setattr(module, "load_run", spy)
+    return calls
+
+
+def test_tasks_get_copies_of_the_run_loaded_once(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcgan.evaluation.inputs import check_inputs
+    from flows.evaluate import _LOADED, _loaded_once, run_models
+
+    calls = _count_load_run(monkeypatch)
+    checked = check_inputs(tiny_run, EvaluateSettings())  # the flow's check loads the run
+    run, ckpt = str(tiny_run), str(checked.checkpoint)
+    assert checked.checkpoint.name == "step-00000002.pt" and checked.loaded[3] == 2 and len(calls) == 1
+    with _loaded_once(run, ckpt, checked.loaded):
+        (_, g1, _, step), (_, g2, _, _) = run_models(run, ckpt), run_models(run, ckpt)
+        assert len(calls) == 1 and step == 2
+        assert g1 is not g2 and torch.equal(g1.main[0].weight, g2.main[0].weight)  # copies: no task sees another's
+        with torch.no_grad():
+            g1.main[0].weight.zero_()
+        assert not torch.equal(run_models(run, ckpt)[1].main[0].weight, g1.main[0].weight)
+    assert not _LOADED and len(calls) == 1  # released when the flow run ends
+    assert run_models(run, ckpt)[3] == 2 and len(calls) == 2  # outside a flow run: a task loads itself
+
+
+@pytest.mark.slow
+def test_evaluate_flow_loads_the_run_once(
+    prefect_api: None, tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from flows.evaluate import _LOADED, evaluate_flow
+
+    run = tmp_path / "work" / "train" / "once"
+    shutil.copytree(tiny_run, run)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"samples": [{"index": 4, "boxes": [[0, 0, 16, 32]]}]}))
+    calls = _count_load_run(monkeypatch)
+    settings = EvaluateSettings(swd_images=32, guided_images=8, arithmetic="A=1,2;B=3", expression="A-B", device="cpu")
+    metrics = evaluate_flow(str(run), settings, boxes=str(boxes))  # six tasks need the models
+    assert metrics["step"] == 2 and metrics["feature_removal"]["annotated_samples"] == [4]
+    assert "arithmetic" in metrics and (tmp_path / "work" / "eval" / "once" / "metrics.json").is_file()
+    assert len(calls) == 1, calls
+    assert calls[0][1] is not None and Path(calls[0][1]).name == "step-00000002.pt"  # resolved once, by the flow
+    assert not _LOADED

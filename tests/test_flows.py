@@ -177,3 +177,90 @@ def test_demo_report_tells_both_batches_the_training_evaluation_and_retrain(pref
     assert any("first-batch/" in link for link in links) and any("second-batch/" in link for link in links)
     for link in links:
         assert (work / link).is_file(), f"report.md links a missing image: {link}"
+
+
+def test_a_registered_run_on_these_shards_with_these_settings_is_found(shards_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from dcgan.registry import promote, register_run
+    from dcgan.settings import TrainSettings
+    from dcgan.train import TrainConfig
+    from flows.train import trained_already
+
+    work = tmp_path / "work"
+    (work / "shards").mkdir(parents=True)
+    shutil.copy(shards_dir / "index.json", work / "shards" / "index.json")
+    version = json.loads((work / "shards" / "index.json").read_text())["version"]
+    settings = TrainSettings(steps=4, resolution=32, ngf=8)
+    assert trained_already(str(work), settings) is None  # no registry yet
+
+    def run(name: str, trained: TrainSettings, dataset_version: int = version, extra: dict | None = None) -> Path:
+        run_dir = work / "train" / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "step-00000004.pt").write_bytes(b"weights")
+        cfg = TrainConfig(**trained.model_dump(), shards=str(work / "shards"), run_dir=str(run_dir))
+        register_run(work, name, run_dir, dataset_version, {**cfg.model_dump(), **(extra or {})}, {"swd": 1.0})
+        return run_dir
+
+    run("older-data", settings, dataset_version=version - 1)
+    run("more-steps", settings.model_copy(update={"steps": 5}))
+    assert trained_already(str(work), settings) is None  # other shards, other settings: train
+
+    same = run("same", settings, extra={"metric": "swd", "margin": 0.1})  # a retrain's settings hold more keys
+    found = trained_already(str(work), settings)
+    assert found["run"] == "same" and found["checkpoint"].endswith("step-00000004.pt")
+    assert f"run same (not the champion) already trained on shard version {version}" in found["skipped"]
+
+    entry = json.loads((work / "models" / "registry.json").read_text())
+    del entry["runs"]["same"]["settings"]["gpu_cache"]  # registered before the field existed: its default
+    (work / "models" / "registry.json").write_text(json.dumps(entry))
+    assert trained_already(str(work), settings)["run"] == "same"
+    assert trained_already(str(work), settings.model_copy(update={"gpu_cache": False})) is None
+
+    run("twin", settings)
+    assert trained_already(str(work), settings)["run"] == "twin"  # the newest of equals
+    promote(work, "same", "ann", "the first")
+    assert "the champion same already trained" in trained_already(str(work), settings)["skipped"]
+    shutil.rmtree(same / "checkpoints")  # a run that is gone is not a reason to skip
+    assert trained_already(str(work), settings)["run"] == "twin"
+
+
+@pytest.mark.slow
+def test_rerun_without_new_data_trains_nothing_and_says_why(
+    prefect_api: None, pipeline_config: Path, tmp_path: Path
+) -> None:
+    from dcgan.registry import load_registry
+    from flows.pipeline import pipeline_flow
+
+    config = yaml.safe_load(pipeline_config.read_text())
+    work = tmp_path / "work"
+    config["work"] = str(work)
+    config["evaluate"] = {"swd_images": 32, "guided_images": 8}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    first = pipeline_flow(str(path))
+    run = Path(first["train"]["run_dir"])
+    assert first["evaluate"] is not None and load_registry(work).champion == run.name
+
+    again = pipeline_flow(str(path))  # nothing new, the same settings
+    assert again["train"]["run"] == run.name and again["evaluate"] is None
+    assert f"the champion {run.name} already trained on shard version 1" in again["train"]["skipped"]
+    assert [p.name for p in (work / "train").iterdir()] == [run.name] and len(load_registry(work).runs) == 1
+    report = (work / "report.md").read_text()
+    assert "# Training: skipped" in report and "--refresh train" in report and "# Evaluation" not in report
+    assert "# Shards" in report
+
+    config["evaluate"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(config))
+    forced = runner.invoke(app, ["run", "--config", str(path), "--refresh", "train"])
+    assert forced.exit_code == 0, forced.output
+    assert len(list((work / "train").iterdir())) == 2 and len(load_registry(work).runs) == 2
+
+    config["train"]["steps"] = 5  # other settings: a new run
+    path.write_text(yaml.safe_dump(config))
+    changed = pipeline_flow(str(path))
+    assert "skipped" not in changed["train"] and changed["train"]["steps"] == 5
+    assert len(load_registry(work).runs) == 3
+    assert pipeline_flow(str(path))["train"]["run"] == Path(changed["train"]["run_dir"]).name  # then skipped again
+    assert runner.invoke(app, ["run", "--config", str(path), "--refresh", "nothing"]).exit_code == 2

@@ -11,11 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from dcgan.evaluation.arithmetic import Arithmetic, parse_arithmetic
 from dcgan.evaluation.cifar import EvaluationError, check_image_table
 from dcgan.evaluation.feature_removal import Boxes, load_boxes
 from dcgan.evaluation.inception import load_inception
-from dcgan.evaluation.runs import load_run
+from dcgan.evaluation.runs import load_run, resolve_checkpoint
 from dcgan.evaluation.sample_sheet import SHEET_SIZE
 from dcgan.evaluation.svhn import SVHN_FILES, check_svhn_mat
 from dcgan.settings import EvaluateSettings
@@ -27,6 +29,8 @@ class CheckedInputs:
     arithmetic: Arithmetic | None
     boxes: Boxes | None
     inception_network: str | None
+    checkpoint: Path  # the one evaluated: the given checkpoint, else the run's newest
+    loaded: tuple[dict, nn.Module, nn.Module, int]  # load_run's (config, G, D, step) of it
 
 
 def check_inputs(
@@ -36,8 +40,14 @@ def check_inputs(
     checkpoint: Path | None = None,
     boxes: Path | None = None,
 ) -> CheckedInputs:
-    """Raise a clear EvaluationError/CheckpointError for the first bad input; nothing is written."""
-    cfg, *_ = load_run(Path(run), Path(checkpoint) if checkpoint else None)
+    """Raise a clear EvaluationError/CheckpointError for the first bad input; nothing is written.
+
+    The run is loaded to check it (once): the result names the checkpoint it resolved and holds
+    what `load_run` returned, for an evaluation to use instead of loading it again.
+    """
+    checkpoint = resolve_checkpoint(Path(run), Path(checkpoint) if checkpoint else None)
+    loaded = load_run(Path(run), checkpoint)
+    cfg = loaded[0]
     cifar10, svhn = settings.cifar10, settings.svhn
     inception = settings.inception
     if cifar10 is not None:
@@ -53,4 +63,4 @@ def check_inputs(
     if settings.arithmetic is not None:  # the settings model already requires the expression with it
         spec = parse_arithmetic(settings.arithmetic, settings.expression, SHEET_SIZE)
     parsed_boxes = load_boxes(Path(boxes), cfg["resolution"], SHEET_SIZE) if boxes is not None else None
-    return CheckedInputs(cfg, spec, parsed_boxes, network)
+    return CheckedInputs(cfg, spec, parsed_boxes, network, checkpoint, loaded)

@@ -5,10 +5,6 @@ Prefect-free, so the same text serves the report file, the stage report and the 
 
 from __future__ import annotations
 
-import base64
-import re
-from pathlib import Path
-
 from preprocessing.markdown import table
 
 
@@ -165,13 +161,3 @@ def _protocols_section(metrics: dict) -> str:
             "The paper reports 22.48% for DCGAN + L2-SVM.\n"
         )
     return md
-
-
-def inline_figures(markdown: str, folder: Path) -> str:
-    """Figure links replaced by data: URIs, since the Prefect UI does not render file links."""
-
-    def data_uri(m: re.Match) -> str:
-        png = (folder / m.group(2)).read_bytes()
-        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(png).decode()})"
-
-    return re.sub(r"!\[([^\]]*)\]\((figures/[^)]+\.png)\)", data_uri, markdown)

@@ -12,6 +12,18 @@ from dcgan.models import Generator, build_discriminator
 from dcgan.train import ARCH_FIELDS, TrainConfig
 
 
+def resolve_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> Path:
+    """The checkpoint `load_run` reads: the given one (which must exist), else the run's newest."""
+    if checkpoint is None:
+        ckpts = list_checkpoints(Path(run_dir))
+        if not ckpts:
+            raise CheckpointError(f"{run_dir} holds no checkpoints (expected {run_dir}/checkpoints/step-*.pt)")
+        return ckpts[-1]
+    if not Path(checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    return Path(checkpoint)
+
+
 def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[dict, nn.Module, nn.Module, int]:
     """(training config, G, D, step) from the newest (or the given) checkpoint of a run.
 
@@ -19,13 +31,7 @@ def load_run(run_dir: Path, checkpoint: Path | None = None) -> tuple[dict, nn.Mo
     discriminator as the run's config.json, since samples are compared with the run's images.
     """
     run_dir = Path(run_dir)
-    if checkpoint is None:
-        ckpts = list_checkpoints(run_dir)
-        if not ckpts:
-            raise CheckpointError(f"{run_dir} holds no checkpoints (expected {run_dir}/checkpoints/step-*.pt)")
-        checkpoint = ckpts[-1]
-    elif not Path(checkpoint).is_file():
-        raise CheckpointError(f"checkpoint not found: {checkpoint}")
+    checkpoint = resolve_checkpoint(run_dir, checkpoint)
     state = load_checkpoint(checkpoint)
     cfg = state.get("config", {})
     run_config = run_dir / "config.json"
