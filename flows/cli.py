@@ -168,10 +168,12 @@ def lsun(
 ) -> None:
     """Extract center crops from LSUN LMDBs into WORK/extract/<source>/."""
     from flows.lsun import check_lsun, lsun_extract_flow
+    from flows.runners import check_runner
 
     dbs = [str(p) for p in db]
     check_lsun(dbs, name)  # fail before a Prefect API is even started
     runner = runner_from(dask, dask_workers)
+    check_runner(runner, dbs, work)
     for r in lsun_extract_flow(dbs, str(work), settings, names=name, refresh=refresh, runner=runner, lock=lock):
         typer.echo(f"{r['source']}: {r['ok']} ok, {r['total'] - r['ok']} rejected -> {r['out_dir']}")
 
@@ -192,12 +194,14 @@ def faces(
 ) -> None:
     """Detect faces in scraped photos and keep square crops of the large ones."""
     from flows.photos import faces_flow
+    from flows.runners import check_runner
     from preprocessing.photo_stages import face_plan
     from preprocessing.photos import open_source
 
     open_source(photos)
     face_plan(settings)  # the detector and its model file load
     runner = runner_from(dask, dask_workers)
+    check_runner(runner, [photos, *([settings.model] if settings.model else [])], work)  # before any Prefect API
     r = faces_flow(str(photos), str(work), settings, name=name, refresh=refresh, runner=runner, lock=lock)
     typer.echo(f"{r['source']}: {r['photos']} photos -> {r['ok']} face crops -> {r['out_dir']}")
 
@@ -218,10 +222,12 @@ def ingest(
 ) -> None:
     """Min-resize and center-crop an image folder or table (ImageNet-style, 32 px)."""
     from flows.photos import ingest_flow
+    from flows.runners import check_runner
     from preprocessing.photos import open_source
 
     open_source(images)
     runner = runner_from(dask, dask_workers)
+    check_runner(runner, [images], work)  # before any Prefect API
     r = ingest_flow(str(images), str(work), settings, name=name, refresh=refresh, runner=runner, lock=lock)
     typer.echo(f"{r['source']}: {r['photos']} images -> {r['ok']} crops -> {r['out_dir']}")
 
