@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,23 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
+    """The checkpoint's bytes: equal states give equal bytes, whether or not they were loaded from a file."""
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buf)
+    torch.save(_interned({"format": FORMAT, **state}), buf)
     return buf.getvalue()
+
+
+def _interned(value: Any) -> Any:
+    """`value` with every string interned. Pickle writes an object once per identity: a resumed run's
+    optimizer keys are fresh strings from unpickling, so without this its checkpoints would hold the
+    same tensors as an uninterrupted run's in other bytes (and another sha256)."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_interned(k): _interned(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_interned(v) for v in value)
+    return value
 
 
 def write_checkpoint(data: bytes, run_dir: Path, step: int, keep: int) -> Path:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcgan.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dcgan.checkpoint import CheckpointError, encode_checkpoint, list_checkpoints, load_checkpoint
 from dcgan.data import CachedImages, DataError, shard_urls, stream_batches
 from dcgan.models import Discriminator, Generator, init_weights
 from dcgan.train import TrainConfig, Trainer, train
@@ -93,6 +93,9 @@ def test_resume_is_exact(shards_dir: Path, tmp_path: Path, precision: str) -> No
     assert a["optD"]["state"][0]["exp_avg"].equal(b["optD"]["state"][0]["exp_avg"])
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no duplicated metric rows after resume
+    # the same state gives the same bytes (so the same sha256) whether or not it came from a file
+    loaded = {k: v for k, v in b.items() if k != "format"}
+    assert encode_checkpoint(loaded) == Path(resumed["checkpoint"]).read_bytes()
 
 
 def test_existing_run_is_not_overwritten_without_resume(shards_dir: Path, tmp_path: Path) -> None:

@@ -195,3 +195,43 @@ def test_a_stage_cli_ends_a_damaged_state_in_one_error_line(prefect_api: None, w
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and "codes.parquet is damaged" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_full_disk_is_one_clear_error_naming_the_file_and_leaves_nothing_partial(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    from preprocessing.atomic import NoSpaceError
+
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = {p: p.read_bytes() for p in (work / "shards").iterdir()}
+    monkeypatch.setattr(os, "fsync", full)  # the tar writer and every atomic write fsync before the rename
+    with pytest.raises(NoSpaceError, match=r"no space left on the device while writing .*shards.*train-000000.tar"):
+        build_shards(work, ShardSettings(maxcount=24))  # other settings: a whole new set is written
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert {p: p.read_bytes() for p in (work / "shards").iterdir()} == before  # the old set, untouched
+    assert not list(work.glob(".shards.tmp-*")) and not list((work / "shards").glob(".*tmp*"))
+    assert _verify(work, "--data")[0] == 0
+
+
+def test_the_cli_ends_a_full_disk_in_one_error_line(
+    prefect_api: None, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    result = runner.invoke(app, ["shard", "--work", str(work), "--maxcount", "24"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "no space left on the device while writing" in lines[0]
+    assert "Traceback" not in result.output
