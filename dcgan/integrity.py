@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dcgan.checkpoint import BEST, CheckpointError, list_checkpoints, load_checkpoint, read_checksums
 from dcgan.registry import RegistryError, load_registry, registry_path
-from preprocessing.integrity import Findings
+from preprocessing.integrity import Findings, Read
 
 
 def _resume(work: Path, run: str) -> str:
@@ -35,7 +35,7 @@ def check_training(work: Path, data: bool) -> Findings:
             if not data:
                 continue
             if path.name in sums:
-                found.to_hash.append((stage, path, sums[path.name], _resume(work, run)))
+                found.to_read.append(Read(stage, path, sums[path.name], _resume(work, run)))
             else:
                 found.checked["checkpoints without a checksum"] += 1
     return found

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from dcgan.integrity import check_registry, check_training
 from dedup.integrity import check_dedup
 from preprocessing.errors import UserError
-from preprocessing.integrity import Findings, check_checksums, check_extract, check_shards, note_unchecked, ok_items
+from preprocessing.integrity import Findings, check_extract, check_reads, check_shards, note_unchecked, ok_items
 
 
 def verify_work(work: Path, data: bool = False) -> Findings:
@@ -30,7 +30,7 @@ def verify_work(work: Path, data: bool = False) -> Findings:
     found.merge(check_training(work, data))
     found.merge(check_registry(work))
     if data:
-        check_checksums(found)
+        check_reads(found)
     note_unchecked(found)
     return found
 

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from preprocessing.extraction import FORMAT, INDEX, PLAN, TAR_SHA256, part_stem, refresh_hint, rerun_hint
 from preprocessing.sharding import SAMPLES, VERSIONS, extracted_sources, read_index, shard_repair
 from preprocessing.state import DamagedStateError, read_json, read_parquet, read_parquet_metadata
-from preprocessing.tar_shards import index_tar
+from preprocessing.tar_shards import split_member_name
 
 CHUNK = 1 << 20
 
@@ -39,6 +39,19 @@ class Problem:
         return f"{self.stage}: {self.problem} -> {self.repair}"
 
 
+@dataclass(frozen=True)
+class Read:
+    """A file `--data` reads once: its sha256 against the recorded one (None: none was recorded) and, for a
+    tar, its sample keys against the index's (`members`; `exact`: the same set, else at least these)."""
+
+    stage: str
+    path: Path
+    sha256: str | None
+    repair: str
+    members: frozenset[str] | None = None
+    exact: bool = True
+
+
 @dataclass
 class Findings:
     """What a check found: problems (the directory is not whole), notes, and what it looked at."""
@@ -46,7 +59,7 @@ class Findings:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checked: Counter = field(default_factory=Counter)
-    to_hash: list[tuple[str, Path, str, str]] = field(default_factory=list)  # (stage, file, sha256, repair)
+    to_read: list[Read] = field(default_factory=list)  # with --data: files to read once and check
 
     def add(self, stage: str, path: Path, problem: str, repair: str) -> None:
         self.problems.append(Problem(stage, str(path), problem, repair))
@@ -60,7 +73,7 @@ class Findings:
         self.problems += other.problems
         self.notes += other.notes
         self.checked.update(other.checked)
-        self.to_hash += other.to_hash
+        self.to_read += other.to_read
 
     def as_dict(self) -> dict:
         return {
@@ -71,37 +84,78 @@ class Findings:
         }
 
 
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file, streamed in 1 MiB reads (hashlib drops the GIL: files hash in parallel)."""
+def read_file(path: Path, tar: bool) -> tuple[str, set[str] | None]:
+    """(sha256, sample keys of a tar) in one streamed read of 1 MiB blocks.
+
+    hashlib drops the GIL, so files hash in parallel threads. A tar's USTAR headers sit on 512-byte
+    boundaries, which never straddle a 1 MiB block, so each is read where it lies in its block:
+    the member list costs no second read (tarfile's own parser would take 10x the hashing time).
+    """
     digest = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
+    keys: set[str] = set()
+    at = header = 0  # file offsets of this block and of the next header
+    ended = not tar
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             digest.update(view[:n])
-    return digest.hexdigest()
+            while not ended and header + 512 <= at + n:
+                head = bytes(view[header - at : header - at + 512])
+                if head.count(0) == 512:  # the end-of-archive blocks
+                    ended = True
+                    break
+                name, size = _member(head)
+                keys.add(split_member_name(name)[0])
+                header += 512 + -(-size // 512) * 512
+            at += n
+    return digest.hexdigest(), keys if tar else None
 
 
-def check_checksums(findings: Findings, workers: int | None = None) -> None:
-    """Hash every file queued in `findings.to_hash`, one thread per core, and record the mismatches."""
-    jobs = findings.to_hash
+def _member(head: bytes) -> tuple[str, int]:
+    """(name, size) from a USTAR header (the prefix field holds the start of long names)."""
+    name = head[:100].rstrip(b"\0").decode()
+    if head[257:262] == b"ustar" and head[345:500].strip(b"\0"):
+        name = head[345:500].rstrip(b"\0").decode() + "/" + name
+    return name, int(head[124:136].strip(b"\0 ") or b"0", 8)
+
+
+def check_reads(findings: Findings, workers: int | None = None) -> None:
+    """Read every file queued in `findings.to_read` once, one thread per core, and record what does not match."""
+    jobs = findings.to_read
     with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-        results = list(pool.map(lambda job: _hash_or_error(job[1]), jobs))
-    for (stage, path, want, repair), got in zip(jobs, results, strict=True):
-        findings.checked["checksums"] += 1
-        findings.checked["bytes hashed"] += path.stat().st_size if path.exists() else 0
-        if got != want:
-            what = (
-                got if got.startswith("unreadable") else f"checksum mismatch (sha256 {got[:12]}, recorded {want[:12]})"
-            )
-            findings.add(stage, path, f"{path.name}: {what}", repair)
+        results = list(pool.map(_read_or_error, jobs))
+    for job, (sha, keys, error) in zip(jobs, results, strict=True):
+        findings.checked["files read"] += 1
+        findings.checked["bytes read"] += job.path.stat().st_size if job.path.exists() else 0
+        if error:
+            findings.add(job.stage, job.path, f"{job.path.name}: {error}", job.repair)
+            continue
+        if job.sha256 is None:
+            findings.checked[f"{'shard' if job.stage == 'shards' else 'staging'} tars without a checksum"] += 1
+        elif sha != job.sha256:
+            what = f"checksum mismatch ({sha[:12]}, recorded {job.sha256[:12]})"
+            findings.add(job.stage, job.path, f"{job.path.name}: {what}", job.repair)
+        if job.members is not None and keys is not None:
+            lost, extra = job.members - keys, keys - job.members if job.exact else set()
+            if lost or extra:
+                findings.add(
+                    job.stage,
+                    job.path,
+                    f"{job.path.name} does not hold the samples its index names ({len(lost)} missing, "
+                    f"{len(extra)} not in the index, e.g. {min(lost or extra)})",
+                    job.repair,
+                )
 
 
-def _hash_or_error(path: Path) -> str:
+def _read_or_error(job: Read) -> tuple[str, set[str] | None, str | None]:
     try:
-        return sha256_file(path)
+        sha, keys = read_file(job.path, tar=job.members is not None)
     except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+        return "", None, f"unreadable ({exc.strerror or exc})"
+    except (ValueError, UnicodeDecodeError) as exc:
+        return "", None, f"cannot be read as a tar ({exc})"
+    return sha, keys, None
 
 
 def ok_items(work: Path) -> set[str] | None:
@@ -137,6 +191,7 @@ def _check_source(src: Path, stage: str, repair: str, data: bool, found: Finding
         return
     inputs = read_parquet(src / INDEX, repair)
     identity = "photo_key" if "photo_key" in inputs.column_names else "key"
+    tars: dict[int, tuple[Path, str | None]] = {}
     for part in range(plan["parts"]):
         manifest, tar = src / f"{part_stem(part)}.parquet", src / f"{part_stem(part)}.tar"
         if not manifest.exists():
@@ -148,10 +203,8 @@ def _check_source(src: Path, stage: str, repair: str, data: bool, found: Finding
             continue
         found.checked["staging tars"] += 1
         if data:
-            if TAR_SHA256.encode() in meta:
-                found.to_hash.append((stage, tar, meta[TAR_SHA256.encode()].decode(), repair))
-            else:
-                found.checked["staging tars without a checksum"] += 1
+            sha = meta[TAR_SHA256.encode()].decode() if TAR_SHA256.encode() in meta else None
+            tars[part] = (tar, sha)
     manifest = read_parquet(src / "manifest.parquet", repair)
     found.checked["manifest rows"] += manifest.num_rows
     counts = Counter(manifest[identity].to_pylist())
@@ -170,25 +223,19 @@ def _check_source(src: Path, stage: str, repair: str, data: bool, found: Finding
     if manifest.num_rows != len(pc.unique(manifest["key"])):
         found.add(stage, src / "manifest.parquet", "the manifest has duplicate keys", repair)
     if data:
-        _check_staging_members(src, stage, repair, manifest, found)
+        _queue_staging_reads(stage, repair, manifest, tars, found)
 
 
-def _check_staging_members(src: Path, stage: str, repair: str, manifest: pa.Table, found: Findings) -> None:
-    """Every ok item of the manifest is a sample of its part's tar."""
+def _queue_staging_reads(
+    stage: str, repair: str, manifest: pa.Table, tars: dict[int, tuple[Path, str | None]], found: Findings
+) -> None:
+    """Each staging tar, to hold at least the ok items its part's manifest rows name."""
     ok = manifest.filter(pc.equal(manifest["status"], "ok"))
-    by_part: dict[int, set[str]] = {}
+    by_part: dict[int, set[str]] = {part: set() for part in tars}
     for key, part in zip(ok["key"].to_pylist(), ok["part"].to_pylist(), strict=True):
         by_part.setdefault(part, set()).add(key)
-    for part, keys in sorted(by_part.items()):
-        tar = src / f"{part_stem(part)}.tar"
-        try:
-            members = {m.key for m in index_tar(tar)}
-        except Exception as exc:  # noqa: BLE001 - any unreadable tar is a problem to report
-            found.add(stage, tar, f"{tar.name} cannot be read ({type(exc).__name__})", repair)
-            continue
-        lost = keys - members
-        if lost:
-            found.add(stage, tar, f"{tar.name} lacks {len(lost)} ok items of the manifest, e.g. {min(lost)}", repair)
+    for part, (tar, sha) in sorted(tars.items()):
+        found.to_read.append(Read(stage, tar, sha, repair, frozenset(by_part[part]), exact=False))
 
 
 def check_shards(work: Path, expected: list[set[str]] | None, data: bool) -> Findings:
@@ -260,11 +307,7 @@ def _check_shards(
                 f"index.json {entry['nsamples']}",
                 repair,
             )
-        if data:
-            if entry.get("sha256"):
-                found.to_hash.append(("shards", path, entry["sha256"], repair))
-            else:
-                found.checked["shard tars without a checksum"] += 1
+
     if expected:
         have = set(keys)
         if all(have != e for e in expected):
@@ -276,25 +319,13 @@ def _check_shards(
                 f"dcgan-pipeline shard --work {work}",
             )
     if data:
-        _check_shard_members(shards, index, samples, repair, found)
-
-
-def _check_shard_members(shards: Path, index: dict, samples: pa.Table, repair: str, found: Findings) -> None:
-    """samples.parquet agrees with the tars: each tar holds exactly the samples it is said to hold."""
-    said: dict[int, set[str]] = {}
-    for key, shard in zip(samples["key"].to_pylist(), samples["shard"].to_pylist(), strict=True):
-        said.setdefault(shard, set()).add(key)
-    for i, entry in enumerate(index["shardlist"]):
-        path = shards / entry["url"]
-        if not path.exists():
-            continue
-        try:
-            members = {m.key for m in index_tar(path)}
-        except Exception as exc:  # noqa: BLE001 - any unreadable tar is a problem to report
-            found.add("shards", path, f"{entry['url']} cannot be read as a tar ({type(exc).__name__})", repair)
-            continue
-        if members != said.get(i, set()):
-            found.add("shards", path, f"{entry['url']} does not hold the samples samples.parquet gives it", repair)
+        said: dict[int, set[str]] = {}
+        for key, shard in zip(keys, samples["shard"].to_pylist(), strict=True):
+            said.setdefault(shard, set()).add(key)
+        for i, entry in enumerate(index["shardlist"]):
+            if (shards / entry["url"]).exists():
+                read = Read("shards", shards / entry["url"], entry.get("sha256"), repair, frozenset(said.get(i, ())))
+                found.to_read.append(read)
 
 
 UNCHECKED = ("staging tars without a checksum", "shard tars without a checksum", "checkpoints without a checksum")

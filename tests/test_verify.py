@@ -65,7 +65,7 @@ def test_a_whole_work_directory_is_whole(whole: Path) -> None:
     assert not found.problems and not found.notes
     checked = found.checked
     assert checked["sources"] == 1 and checked["shard tars"] == 3 and checked["checkpoints"] == 1
-    assert checked["checksums"] == checked["staging tars"] + checked["shard tars"] + checked["checkpoints"]
+    assert checked["files read"] == checked["staging tars"] + checked["shard tars"] + checked["checkpoints"]
     assert checked["registered runs"] == 1
     code, out = _verify(whole, "--json")
     assert code == 0 and json.loads(out)["whole"] is True
@@ -235,3 +235,17 @@ def test_the_cli_ends_a_full_disk_in_one_error_line(
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "no space left on the device while writing" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_samples_parquet_must_agree_with_the_tars(work: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = pq.read_table(work / "shards" / "samples.parquet")
+    shard = samples["shard"].to_pylist()
+    first, last = shard.index(0), shard.index(max(shard))
+    shard[first], shard[last] = shard[last], shard[first]  # two samples said to be in each other's tar
+    pq.write_table(samples.set_column(1, "shard", pa.array(shard, pa.int32())), work / "shards" / "samples.parquet")
+    assert _verify(work)[0] == 0  # the counts per shard still agree: only reading the tars tells
+    code, out = _verify(work, "--data")
+    assert code == 2 and "train-000000.tar does not hold the samples its index names (1 missing, 1 not" in out
