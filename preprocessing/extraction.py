@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PLAN = "plan.json"
 TAR_SHA256 = "tar_sha256"  # key of a part manifest's Parquet metadata: the sha256 of its tar, as written
+TAR_KEYS = "tar_keys_sha256"  # ... and the digest of the sample keys written into it
 INDEX = "inputs.parquet"
 FORMAT = 2
 # Columns the engine adds to a kind's index columns in inputs.parquet.
@@ -267,7 +268,7 @@ def run_part(out_dir: Path, part: int, kind: SourceKind) -> dict:
                 tar.write(row["key"], files)
             rows.append(row)
     table = pa.Table.from_pylist(rows, schema=kind.manifest_schema)
-    write_table(table.replace_schema_metadata({TAR_SHA256: tar.sha256}), manifest_path)
+    write_table(table.replace_schema_metadata({TAR_SHA256: tar.sha256, TAR_KEYS: tar.keys_sha256()}), manifest_path)
     summary = part_summary(part, table, kind, time.perf_counter() - t0, skipped=False)
     log.info(
         "%s part %d: %d inputs, %d ok, %.1f inputs/s",

@@ -16,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from preprocessing.extraction import FORMAT, INDEX, PLAN, TAR_SHA256, part_stem, refresh_hint, rerun_hint
+from preprocessing.extraction import FORMAT, INDEX, PLAN, TAR_KEYS, TAR_SHA256, part_stem, refresh_hint, rerun_hint
 from preprocessing.sharding import SAMPLES, VERSIONS, extracted_sources, read_index, shard_repair
 from preprocessing.state import DamagedStateError, read_json, read_parquet, read_parquet_metadata
-from preprocessing.tar_shards import split_member_name
+from preprocessing.tar_shards import keys_digest, split_member_name
 
 CHUNK = 1 << 20
 
@@ -42,14 +41,19 @@ class Problem:
 @dataclass(frozen=True)
 class Read:
     """A file `--data` reads once: its sha256 against the recorded one (None: none was recorded) and, for a
-    tar, its sample keys against the index's (`members`; `exact`: the same set, else at least these)."""
+    tar, the sample keys its index names (`members`). When the tar's bytes match their recorded sha256, the
+    keys are told by the digest recorded with them (`keys_sha256`); only a tar without both is parsed."""
 
     stage: str
     path: Path
     sha256: str | None
     repair: str
     members: frozenset[str] | None = None
-    exact: bool = True
+    keys_sha256: str | None = None
+
+    @property
+    def parse(self) -> bool:
+        return self.members is not None and not (self.sha256 and self.keys_sha256)
 
 
 @dataclass
@@ -136,21 +140,19 @@ def check_reads(findings: Findings, workers: int | None = None) -> None:
         elif sha != job.sha256:
             what = f"checksum mismatch ({sha[:12]}, recorded {job.sha256[:12]})"
             findings.add(job.stage, job.path, f"{job.path.name}: {what}", job.repair)
-        if job.members is not None and keys is not None:
-            lost, extra = job.members - keys, keys - job.members if job.exact else set()
-            if lost or extra:
-                findings.add(
-                    job.stage,
-                    job.path,
-                    f"{job.path.name} does not hold the samples its index names ({len(lost)} missing, "
-                    f"{len(extra)} not in the index, e.g. {min(lost or extra)})",
-                    job.repair,
-                )
+        if job.members is None:
+            continue
+        said = keys_digest(job.members) == job.keys_sha256 if keys is None else job.members == keys
+        if not said:
+            detail = "" if keys is None else f" ({len(job.members - keys)} missing, {len(keys - job.members)} others)"
+            findings.add(
+                job.stage, job.path, f"{job.path.name} does not hold the samples its index names{detail}", job.repair
+            )
 
 
 def _read_or_error(job: Read) -> tuple[str, set[str] | None, str | None]:
     try:
-        sha, keys = read_file(job.path, tar=job.members is not None)
+        sha, keys = read_file(job.path, tar=job.parse)
     except OSError as exc:
         return "", None, f"unreadable ({exc.strerror or exc})"
     except (ValueError, UnicodeDecodeError) as exc:
@@ -191,7 +193,6 @@ def _check_source(src: Path, stage: str, repair: str, data: bool, found: Finding
         return
     inputs = read_parquet(src / INDEX, repair)
     identity = "photo_key" if "photo_key" in inputs.column_names else "key"
-    tars: dict[int, tuple[Path, str | None]] = {}
     for part in range(plan["parts"]):
         manifest, tar = src / f"{part_stem(part)}.parquet", src / f"{part_stem(part)}.tar"
         if not manifest.exists():
@@ -203,8 +204,10 @@ def _check_source(src: Path, stage: str, repair: str, data: bool, found: Finding
             continue
         found.checked["staging tars"] += 1
         if data:
-            sha = meta[TAR_SHA256.encode()].decode() if TAR_SHA256.encode() in meta else None
-            tars[part] = (tar, sha)
+            ok = read_parquet(manifest, repair, columns=["key", "status"])
+            keys = frozenset(ok.filter(pc.equal(ok["status"], "ok"))["key"].to_pylist())
+            sha, written = (meta[k.encode()].decode() if k.encode() in meta else None for k in (TAR_SHA256, TAR_KEYS))
+            found.to_read.append(Read(stage, tar, sha, repair, keys, written))
     manifest = read_parquet(src / "manifest.parquet", repair)
     found.checked["manifest rows"] += manifest.num_rows
     counts = Counter(manifest[identity].to_pylist())
@@ -222,20 +225,6 @@ def _check_source(src: Path, stage: str, repair: str, data: bool, found: Finding
         )
     if manifest.num_rows != len(pc.unique(manifest["key"])):
         found.add(stage, src / "manifest.parquet", "the manifest has duplicate keys", repair)
-    if data:
-        _queue_staging_reads(stage, repair, manifest, tars, found)
-
-
-def _queue_staging_reads(
-    stage: str, repair: str, manifest: pa.Table, tars: dict[int, tuple[Path, str | None]], found: Findings
-) -> None:
-    """Each staging tar, to hold at least the ok items its part's manifest rows name."""
-    ok = manifest.filter(pc.equal(manifest["status"], "ok"))
-    by_part: dict[int, set[str]] = {part: set() for part in tars}
-    for key, part in zip(ok["key"].to_pylist(), ok["part"].to_pylist(), strict=True):
-        by_part.setdefault(part, set()).add(key)
-    for part, (tar, sha) in sorted(tars.items()):
-        found.to_read.append(Read(stage, tar, sha, repair, frozenset(by_part[part]), exact=False))
 
 
 def check_shards(work: Path, expected: list[set[str]] | None, data: bool) -> Findings:
@@ -324,7 +313,10 @@ def _check_shards(
             said.setdefault(shard, set()).add(key)
         for i, entry in enumerate(index["shardlist"]):
             if (shards / entry["url"]).exists():
-                read = Read("shards", shards / entry["url"], entry.get("sha256"), repair, frozenset(said.get(i, ())))
+                keys = frozenset(said.get(i, ()))
+                read = Read(
+                    "shards", shards / entry["url"], entry.get("sha256"), repair, keys, entry.get("keys_sha256")
+                )
                 found.to_read.append(read)
 
 

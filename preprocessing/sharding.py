@@ -222,8 +222,14 @@ def _write_shards(
 
 
 def _entry(writer: TarShardWriter) -> dict:
-    """A shardlist entry (with its keys until samples.parquet takes them); sha256 as written."""
-    return {"url": writer.path.name, "nsamples": writer.count, "sha256": writer.sha256, "keys": sorted(writer.keys)}
+    """A shardlist entry (with its keys until samples.parquet takes them); the digests of its bytes and keys."""
+    return {
+        "url": writer.path.name,
+        "nsamples": writer.count,
+        "sha256": writer.sha256,
+        "keys_sha256": writer.keys_sha256(),
+        "keys": sorted(writer.keys),
+    }
 
 
 def _counts(keys: list[str]) -> dict[str, int]:

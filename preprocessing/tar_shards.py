@@ -59,7 +59,7 @@ class TarShardWriter:
 
     Writes the same bytes as `tarfile` in USTAR format, so any tar reader (and WebDataset)
     reads the result. `sha256` (after `close()`) is the digest of the bytes as they were
-    written: the checksum costs no second read.
+    written: the checksum costs no second read; `keys_sha256()` is the digest of its sample keys.
     """
 
     def __init__(self, path: Path) -> None:
@@ -104,6 +104,9 @@ class TarShardWriter:
             self.abort()
             raise
 
+    def keys_sha256(self) -> str:
+        return keys_digest(self.keys)
+
     def abort(self) -> None:
         with contextlib.suppress(OSError):  # a full disk fails the close's flush too
             self._fh.close()
@@ -117,6 +120,11 @@ class TarShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def keys_digest(keys: set[str] | frozenset[str]) -> str:
+    """The sha256 of a set of sample keys (sorted, one per line): what a tar holds, told without reading it."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
