@@ -7,7 +7,9 @@
   numerically safe form of the paper's sigmoid + log loss);
 - weights drawn from N(0, 0.02), batchnorm scales from N(1, 0.02).
 
-One block per doubling of resolution, so 32, 64 and 128 px share one definition.
+One block per doubling of resolution, so 32, 64 and 128 px share one definition. With
+`fast_edges`, the first and last layers of G and D are `dcgan.layers`' forms of the same
+layers (same parameters and state dict), which run faster on the CPU.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from dcgan.layers import ImageConv2d, ImageTranspose2d, LogitConv2d, ProjectTranspose2d
 from dcgan.settings import RESOLUTIONS
 
 
@@ -27,12 +30,15 @@ def _depth(resolution: int) -> int:
 
 
 class Generator(nn.Module):
-    def __init__(self, resolution: int = 64, nz: int = 100, ngf: int = 64, nc: int = 3) -> None:
+    def __init__(
+        self, resolution: int = 64, nz: int = 100, ngf: int = 64, nc: int = 3, fast_edges: bool = False
+    ) -> None:
         super().__init__()
         n = _depth(resolution)
         width = ngf * 2 ** (n - 1)
+        first, last = (ProjectTranspose2d, ImageTranspose2d) if fast_edges else (nn.ConvTranspose2d, nn.ConvTranspose2d)
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False),
+            first(nz, width, 4, 1, 0, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(True),
         ]
@@ -43,7 +49,7 @@ class Generator(nn.Module):
                 nn.ReLU(True),
             ]
             width //= 2
-        layers += [nn.ConvTranspose2d(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
+        layers += [last(width, nc, 4, 2, 1, bias=False), nn.Tanh()]
         self.main = nn.Sequential(*layers)
         self.nz = nz
         self.resolution = resolution
@@ -53,10 +59,11 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int = 64, ndf: int = 64, nc: int = 3) -> None:
+    def __init__(self, resolution: int = 64, ndf: int = 64, nc: int = 3, fast_edges: bool = False) -> None:
         super().__init__()
         n = _depth(resolution)
-        layers: list[nn.Module] = [nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        first, last = (ImageConv2d, LogitConv2d) if fast_edges else (nn.Conv2d, nn.Conv2d)
+        layers: list[nn.Module] = [first(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         width = ndf
         for _ in range(n - 1):
             layers += [
@@ -65,7 +72,7 @@ class Discriminator(nn.Module):
                 nn.LeakyReLU(0.2, True),
             ]
             width *= 2
-        layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
+        layers.append(last(width, 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)
         self.resolution = resolution
 
@@ -82,7 +89,7 @@ class ImageNetDiscriminator32(nn.Module):
 
     WIDTHS = (128, 128, 256, 256, 512, 512)
 
-    def __init__(self) -> None:
+    def __init__(self, fast_edges: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -92,7 +99,7 @@ class ImageNetDiscriminator32(nn.Module):
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.LeakyReLU(0.2, True))
             c_in = width
-        layers.append(nn.Conv2d(c_in, 1, 4, 1, 0, bias=False))
+        layers.append((LogitConv2d if fast_edges else nn.Conv2d)(c_in, 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,14 +109,14 @@ class ImageNetDiscriminator32(nn.Module):
 DISCRIMINATORS = ("dcgan", "imagenet32")
 
 
-def build_discriminator(kind: str, resolution: int, ndf: int = 64) -> nn.Module:
+def build_discriminator(kind: str, resolution: int, ndf: int = 64, fast_edges: bool = False) -> nn.Module:
     """`dcgan`: the guideline D for 32/64/128 px; `imagenet32`: the paper's CIFAR-10 feature D."""
     if kind == "dcgan":
-        return Discriminator(resolution, ndf)
+        return Discriminator(resolution, ndf, fast_edges=fast_edges)
     if kind == "imagenet32":
         if resolution != 32:
             raise ValueError(f"the imagenet32 discriminator works at 32 px, not {resolution}")
-        return ImageNetDiscriminator32()
+        return ImageNetDiscriminator32(fast_edges)
     raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {kind!r}")
 
 

@@ -43,18 +43,20 @@ def test_fast_step_tracks_the_textbook_step(shards_dir: Path, tmp_path: Path) ->
     """Same seed, data and noise: BCE-with-logits and G-only backward give the textbook's numbers."""
     cfg = tiny(shards_dir, tmp_path / "r")
     textbook, tb = run_steps(cfg, StepOptions(textbook=True), 6)
-    ours, fast = run_steps(cfg, StepOptions(), 6)
-    for a, b in zip(textbook, ours, strict=True):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), dict(zip(METRICS, zip(a, b, strict=True), strict=True))
-    for name, p in tb.G.state_dict().items():
-        assert torch.allclose(p.float(), fast.G.state_dict()[name].float(), atol=1e-5), name
+    for options in (StepOptions(), StepOptions(fast_edges=True)):
+        ours, fast = run_steps(cfg, options, 6)
+        for a, b in zip(textbook, ours, strict=True):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5), dict(zip(METRICS, zip(a, b, strict=True), strict=True))
+        for model, fast_model in ((tb.G, fast.G), (tb.D, fast.D)):
+            for name, p in model.state_dict().items():
+                assert torch.allclose(p.float(), fast_model.state_dict()[name].float(), atol=1e-5), name
 
 
 def test_bf16_channels_last_fused_adam_step_runs_and_stays_close(shards_dir: Path, tmp_path: Path) -> None:
     """The CUDA fast path's numerics (bf16 autocast, channels_last, fused Adam), exercised on CPU."""
     cfg = tiny(shards_dir, tmp_path / "r")
     textbook, _ = run_steps(cfg, StepOptions(textbook=True), 4)
-    opts = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True)
+    opts = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True, fast_edges=True)
     fast, trainer = run_steps(cfg, opts, 4)
     assert trainer.optD.defaults["fused"] and next(trainer.G.parameters()).dtype == torch.float32
     for a, b in zip(textbook, fast, strict=True):
@@ -62,13 +64,15 @@ def test_bf16_channels_last_fused_adam_step_runs_and_stays_close(shards_dir: Pat
 
 
 def test_fast_paths_follow_precision_and_can_be_switched_off(shards_dir: Path, tmp_path: Path) -> None:
-    """bf16 (+ channels_last) where `precision` says so, fused Adam everywhere, CUDA graphs on CUDA only."""
+    """bf16 (+ channels_last) where `precision` says so, fused Adam everywhere, fast edges on the CPU only,
+    CUDA graphs on CUDA only."""
     from dcgan.distributed import World
     from dcgan.train import step_options
 
     cfg = tiny(shards_dir, tmp_path / "r")
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    bf16, fp32 = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True), StepOptions(fused_adam=True)
+    bf16 = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True, fast_edges=True)
+    fp32 = StepOptions(fused_adam=True, fast_edges=True)
     assert step_options(tiny(shards_dir, tmp_path / "r", precision="fp32"), cpu, World()) == fp32
     assert step_options(tiny(shards_dir, tmp_path / "r", precision="bf16"), cpu, World()) == bf16
     assert step_options(cfg, cpu, World()) in (bf16, fp32)  # auto: timed once on this CPU
@@ -77,6 +81,7 @@ def test_fast_paths_follow_precision_and_can_be_switched_off(shards_dir: Path, t
     )
     off = tiny(shards_dir, tmp_path / "r", precision="fp32", channels_last=False, fused_adam=False, cuda_graphs=False)
     assert step_options(off, cuda, World()) == StepOptions()
+    assert step_options(off.model_copy(update={"fast_edges": False}), cpu, World()) == StepOptions()
     assert step_options(cfg, cuda, World(0, 2, 0)).cuda_graph is False  # DDP runs eager
     assert step_options(tiny(shards_dir, tmp_path / "r", loop="textbook"), cuda, World()).textbook
 
@@ -270,6 +275,10 @@ def test_train_flow_runs_data_parallel_under_torchrun(prefect_api: None, shards_
     settings = TrainSettings(steps=2, resolution=32, batch_size=8, device="cpu", ngf=8, ndf=8, nproc_per_node=2)
     r = train_flow(str(work), settings, run="ddp")
     low = use_bfloat16("auto", "cpu")  # each rank makes the same timed decision as this process
-    path = "bfloat16 autocast, channels_last, fused Adam, eager" if low else "fp32, fused Adam, eager"
+    path = (
+        "bfloat16 autocast, channels_last, fused Adam, fast edges, eager"
+        if low
+        else "fp32, fused Adam, fast edges, eager"
+    )
     assert r["world_size"] == 2 and r["steps"] == 2 and r["step_path"] == path
     assert (work / "reports" / "train-ddp.md").read_text().count("8 x 2") == 1

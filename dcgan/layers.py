@@ -1,0 +1,160 @@
+"""The DCGAN's edge layers in forms that compute the same function faster on the CPU.
+
+oneDNN runs the wide stride-2 convolutions of G and D near this CPU's bf16 peak, but the
+layers at the edges of the two networks take many times their FLOPs (docs/benchmarks.md,
+32 px, batch 128): G's projection of z (1x1 to 4x4) and D's logit (4x4 to 1x1) are matrix
+products run as convolutions with one input or one output pixel, and a transposed convolution
+to 3 channels (G's image, and the input gradient of D's first layer) runs at a tenth of the
+peak. Here they are:
+
+- `ProjectTranspose2d`, `LogitConv2d`: one matmul each.
+- `ImageTranspose2d`: the stride-2 4x4 transposed convolution as one 2x2 convolution to the
+  four output phases (4 x C_out channels), interleaved (`phase_transpose`).
+- `ImageConv2d`: D's first convolution, its input gradient computed the same way.
+
+Each subclasses the torch layer (same parameters, same state dict, same initialisation) and
+falls back to it for shapes it does not cover. The models use them when built with
+`fast_edges=True`; the textbook loop keeps torch's layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def layout(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when `t` is stored so, else contiguous (a 4-D tensor's own layout)."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in autocast's dtype where autocast is on: custom autograd functions are not autocast."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return x.to(dtype), w.to(dtype)
+    return x, w
+
+
+def phase_transpose(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`conv_transpose2d(x, w, stride=2, padding=1)` for a 4x4 kernel `w` [C_in, C_out, 4, 4].
+
+    Output pixel (2i + py, 2j + px) sees input pixels i - 1 + py .. i + py (and likewise in j)
+    through the kernel taps (3, 1) for parity 0 and (2, 0) for parity 1, so a 2x2 convolution
+    with padding 1 to 4 x C_out channels computes all four parities at once; they are then
+    interleaved into the output. Same FLOPs, but C_out x 4 output channels keep the CPU busy.
+    """
+    n, _, h, wd = x.shape
+    c_in, c_out = w.shape[:2]
+    # taps of parity p at window offset a: kernel index 3 - (p + 2a), i.e. the flipped kernel's p + 2a
+    taps = w.flip(2, 3).reshape(c_in, c_out, 2, 2, 2, 2)  # [c_in, c_out, a, py, a', px]
+    phase_w = taps.permute(3, 5, 1, 0, 2, 4).reshape(4 * c_out, c_in, 2, 2)
+    fmt = layout(x)
+    y = F.conv2d(x, phase_w.contiguous(memory_format=fmt), padding=1).unflatten(1, (2, 2, c_out))
+    out = torch.empty((n, c_out, 2 * h, 2 * wd), dtype=y.dtype, device=y.device, memory_format=fmt)
+    for py in (0, 1):
+        for px in (0, 1):
+            out[:, :, py::2, px::2] = y[:, py, px, :, py : py + h, px : px + wd]
+    return out
+
+
+def _stride2_k4(layer: nn.Conv2d | nn.ConvTranspose2d) -> bool:
+    return (
+        layer.kernel_size == (4, 4)
+        and layer.stride == (2, 2)
+        and layer.padding == (1, 1)
+        and layer.dilation == (1, 1)
+        and layer.groups == 1
+        and layer.bias is None
+        and getattr(layer, "output_padding", (0, 0)) == (0, 0)
+    )
+
+
+def _conv_grads(
+    gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, transposed: bool, mask: tuple[bool, bool]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    gy = gy.contiguous(memory_format=layout(x))
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        gy, x, w, None, (2, 2), (1, 1), (1, 1), transposed, (0, 0), 1, (mask[0], mask[1], False)
+    )
+    return gx, gw
+
+
+class _PhaseTranspose(torch.autograd.Function):
+    """Forward by phases; backward by oneDNN, which runs both gradients of this layer well."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        return phase_transpose(x, w)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        return _conv_grads(gy, x, w, True, ctx.needs_input_grad[:2])
+
+
+class _ImageConv(torch.autograd.Function):
+    """Forward and weight gradient by oneDNN; the input gradient by phases."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, stride=2, padding=1)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        gx = phase_transpose(gy, w) if ctx.needs_input_grad[0] else None
+        gw = _conv_grads(gy, x, w, False, (False, True))[1] if ctx.needs_input_grad[1] else None
+        return gx, gw
+
+
+class ProjectTranspose2d(nn.ConvTranspose2d):
+    """G's first layer (z as a 1x1 map to a k x k map): one [N, nz] x [nz, k*k*C] matmul."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[-2:] != (1, 1) or self.stride != (1, 1) or self.padding != (0, 0) or self.bias is not None:
+            return super().forward(z)
+        w = self.weight  # [nz, C, kh, kw]
+        nz, c, kh, kw = w.shape
+        if layout(w) == torch.channels_last:
+            out = torch.matmul(z.flatten(1), w.permute(0, 2, 3, 1).reshape(nz, -1))
+            return out.view(z.shape[0], kh, kw, c).permute(0, 3, 1, 2)
+        return torch.matmul(z.flatten(1), w.flatten(1)).view(z.shape[0], c, kh, kw)
+
+
+class LogitConv2d(nn.Conv2d):
+    """D's last layer (a k x k map to one logit): one [N, k*k*C] x [k*k*C, O] matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != self.kernel_size or self.stride != (1, 1) or self.padding != (0, 0) or self.bias is not None:
+            return super().forward(x)
+        w = self.weight  # [O, C, kh, kw]
+        if layout(x) == torch.channels_last:  # flatten both in (h, w, c) order: views, no copy
+            x2, w2 = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1), w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        else:
+            x2, w2 = x.flatten(1), w.flatten(1)
+        return torch.matmul(x2, w2.t()).view(x.shape[0], w.shape[0], 1, 1)
+
+
+class ImageTranspose2d(nn.ConvTranspose2d):
+    """G's last layer (stride 2, 4x4, to the image's few channels), forward by phases."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _stride2_k4(self):
+            return super().forward(x)
+        return _PhaseTranspose.apply(*_compute_dtype(x, self.weight))
+
+
+class ImageConv2d(nn.Conv2d):
+    """D's first layer (stride 2, 4x4, from the image), its input gradient by phases."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _stride2_k4(self) or x.shape[-2] % 2 or x.shape[-1] % 2:
+            return super().forward(x)
+        return _ImageConv.apply(*_compute_dtype(x, self.weight))

@@ -1,0 +1,99 @@
+"""The fast edge layers compute torch's layers: outputs and both gradients, fp32 and bf16, both layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcgan.layers import ImageConv2d, ImageTranspose2d, LogitConv2d, ProjectTranspose2d, phase_transpose
+from dcgan.models import Discriminator, Generator, ImageNetDiscriminator32
+
+LAYOUTS = (torch.contiguous_format, torch.channels_last)
+
+
+def pair(fast_cls: type[nn.Module], torch_cls: type[nn.Module], *args: int) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    fast = fast_cls(*args, bias=False)
+    ref = torch_cls(*args, bias=False)
+    ref.load_state_dict(fast.state_dict())
+    return fast, ref
+
+
+def outputs_and_grads(layer: nn.Module, x: torch.Tensor, gy_seed: int, autocast: bool) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = layer(x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(gy_seed))
+    y.float().backward(gy)
+    return [y.float(), x.grad.float(), layer.weight.grad.float()]
+
+
+CASES = [  # (fast, torch, constructor args, input shape)
+    (ProjectTranspose2d, nn.ConvTranspose2d, (100, 32, 4, 1, 0), (6, 100, 1, 1)),
+    (LogitConv2d, nn.Conv2d, (32, 1, 4, 1, 0), (6, 32, 4, 4)),
+    (ImageTranspose2d, nn.ConvTranspose2d, (16, 3, 4, 2, 1), (6, 16, 8, 8)),
+    (ImageTranspose2d, nn.ConvTranspose2d, (16, 3, 4, 2, 1), (6, 16, 5, 7)),
+    (ImageConv2d, nn.Conv2d, (3, 16, 4, 2, 1), (6, 3, 16, 16)),
+    (ImageConv2d, nn.Conv2d, (3, 16, 4, 2, 1), (6, 3, 10, 14)),
+]
+
+
+@pytest.mark.parametrize("fast_cls,torch_cls,args,shape", CASES)
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "channels_last"])
+def test_fast_layer_matches_torch_in_fp32(fast_cls, torch_cls, args, shape, fmt) -> None:  # noqa: ANN001
+    fast, ref = pair(fast_cls, torch_cls, *args)
+    fast.to(memory_format=fmt)
+    ref.to(memory_format=fmt)
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    for a, b in zip(outputs_and_grads(fast, x, 1, False), outputs_and_grads(ref, x, 1, False), strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fast_cls,torch_cls,args,shape", CASES)
+def test_fast_layer_matches_torch_under_bf16_autocast(fast_cls, torch_cls, args, shape) -> None:  # noqa: ANN001
+    """bf16 products either way: agreement to bf16 rounding, gradients in the weight's float32."""
+    fast, ref = pair(fast_cls, torch_cls, *args)
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    for m in (fast, ref):
+        m.to(memory_format=torch.channels_last)
+    got, want = outputs_and_grads(fast, x, 2, True), outputs_and_grads(ref, x, 2, True)
+    assert fast.weight.grad.dtype == torch.float32
+    for a, b in zip(got, want, strict=True):
+        scale = b.abs().max()
+        assert (a - b).abs().max() <= 0.02 * scale, (a - b).abs().max() / scale
+
+
+def test_phase_transpose_is_conv_transpose() -> None:
+    x, w = torch.randn(4, 8, 6, 6, dtype=torch.float64), torch.randn(8, 5, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(phase_transpose(x, w), F.conv_transpose2d(x, w, stride=2, padding=1))
+
+
+def test_uncovered_shapes_fall_back_to_torch() -> None:
+    """Other strides, paddings or input sizes run torch's own layer (same numbers, no error)."""
+    for layer, x in (
+        (ImageConv2d(3, 8, 4, 2, 1, bias=False), torch.randn(2, 3, 9, 9)),  # odd size
+        (ImageTranspose2d(8, 3, 4, 1, 0, bias=False), torch.randn(2, 8, 5, 5)),  # stride 1
+        (LogitConv2d(8, 1, 4, 1, 0, bias=False), torch.randn(2, 8, 6, 6)),  # not a single pixel out
+        (ProjectTranspose2d(8, 4, 4, 1, 0, bias=False), torch.randn(2, 8, 2, 2)),  # not 1x1 in
+    ):
+        base = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.ConvTranspose2d
+        torch.testing.assert_close(layer(x), base.forward(layer, x))
+
+
+def test_models_with_fast_edges_share_state_dicts_and_outputs() -> None:
+    """Checkpoints load either way; the same weights give the same images and logits."""
+    for plain, fast, x in (
+        (Generator(32, ngf=8), Generator(32, ngf=8, fast_edges=True), torch.randn(3, 100)),
+        (Discriminator(64, ndf=8), Discriminator(64, ndf=8, fast_edges=True), torch.randn(3, 3, 64, 64)),
+        (ImageNetDiscriminator32(), ImageNetDiscriminator32(fast_edges=True), torch.randn(3, 3, 32, 32)),
+    ):
+        assert plain.state_dict().keys() == fast.state_dict().keys()
+        fast.load_state_dict(plain.state_dict())
+        plain.eval(), fast.eval()
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(Generator(32, fast_edges=True).main[0], ProjectTranspose2d)
+    assert type(Generator(32).main[0]) is nn.ConvTranspose2d
