@@ -46,7 +46,8 @@ def phase_transpose(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     Output pixel (2i + py, 2j + px) sees input pixels i - 1 + py .. i + py (and likewise in j)
     through the kernel taps (3, 1) for parity 0 and (2, 0) for parity 1, so a 2x2 convolution
     with padding 1 to 4 x C_out channels computes all four parities at once; they are then
-    interleaved into the output. Same FLOPs, but C_out x 4 output channels keep the CPU busy.
+    interleaved into the output. About the same FLOPs ((h + 1) x (w + 1) positions computed per
+    parity for h x w used), but 4 x C_out output channels keep the CPU's vector units busy.
     """
     n, _, h, wd = x.shape
     c_in, c_out = w.shape[:2]
