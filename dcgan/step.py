@@ -78,6 +78,7 @@ class StepRunner:
         self.options = options
         self.acc = acc
         self.g_params = [p for p in G.parameters() if p.requires_grad]
+        self.d_named_params = list(D_plain.named_parameters())  # detached per step for the G loss
         self.graph: torch.cuda.CUDAGraph | None = None
         self._labels: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -98,10 +99,6 @@ class StepRunner:
         if n not in self._labels:
             self._labels[n] = (torch.ones(n, device=device), torch.zeros(n, device=device))
         return self._labels[n]
-
-    @staticmethod
-    def _detached(module: nn.Module) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in module.named_parameters()}
 
     def _to_input(self, real_u8: torch.Tensor) -> torch.Tensor:
         real = real_u8.float().div_(127.5).sub_(1.0)  # keeps the batch's layout (the GPU cache gives NHWC)
@@ -132,7 +129,8 @@ class StepRunner:
         self.optD.step()
         self.optG.zero_grad(set_to_none=True)
         with self._autocast():  # D's weights detached: no weight gradients are computed for the G loss
-            out_g = torch.func.functional_call(self.D_plain, self._detached(self.D_plain), (fake,)).float()
+            frozen = {name: p.detach() for name, p in self.d_named_params}
+            out_g = torch.func.functional_call(self.D_plain, frozen, (fake,)).float()
         loss_g = F.binary_cross_entropy_with_logits(out_g, ones)
         loss_g.backward(inputs=self.g_params)
         self.optG.step()
