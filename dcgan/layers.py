@@ -1,20 +1,23 @@
-"""The DCGAN's edge layers in forms that compute the same function faster on the CPU.
+"""The DCGAN's layers in forms that compute the same function faster on the CPU.
 
-oneDNN runs the wide stride-2 convolutions of G and D near this CPU's bf16 peak, but the
-layers at the edges of the two networks take many times their FLOPs (docs/benchmarks.md,
-32 px, batch 128): G's projection of z (1x1 to 4x4) and D's logit (4x4 to 1x1) are matrix
-products run as convolutions with one input or one output pixel, and a transposed convolution
-to 3 channels (G's image, and the input gradient of D's first layer) runs at a tenth of the
-peak. Here they are:
+oneDNN runs the wide stride-2 convolutions of G and D forward near this CPU's bf16 peak, but
+not everything else (docs/benchmarks.md, 32 px, batch 128): the layers at the edges of the two
+networks take many times their FLOPs (G's projection of z (1x1 to 4x4) and D's logit (4x4 to
+1x1) are matrix products run as convolutions with one input or one output pixel, and a
+transposed convolution to 3 channels (G's image, and the input gradient of D's first layer)
+runs at a tenth of the peak), and the weight gradients of the wide layers run on an older bf16
+kernel that loses most when the machine is busy. Here they are:
 
 - `ProjectTranspose2d`, `LogitConv2d`: one matmul each.
 - `ImageTranspose2d`: the stride-2 4x4 transposed convolution as one 2x2 convolution to the
   four output phases (4 x C_out channels), interleaved (`phase_transpose`).
 - `ImageConv2d`: D's first convolution, its input gradient computed the same way.
+- `WideConv2d`, `WideTranspose2d`: the inner stride-2 layers, their bf16 weight gradient as
+  one matmul over the layer's 4x4 patches (`weight_grad_s2k4`).
 
 Each subclasses the torch layer (same parameters, same state dict, same initialisation) and
 falls back to it for shapes it does not cover. The models use them when built with
-`fast_edges=True`; the textbook loop keeps torch's layers.
+`fast_layers=True`; the textbook loop keeps torch's layers.
 """
 
 from __future__ import annotations
@@ -75,6 +78,35 @@ def _stride2_k4(layer: nn.Conv2d | nn.ConvTranspose2d) -> bool:
     )
 
 
+def im2col_s2k4(x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+    """The 4x4 patches a stride-2, padding-1 convolution of `x` [N, C, H, W] reads: [N*ho*wo, 16*C].
+
+    Columns in (kh, kw, c) order; 16 strided copies of the padded input, channels last.
+    """
+    n, c = x.shape[:2]
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [N, H + 2, W + 2, C]
+    cols = torch.empty((n, ho, wo, 4, 4, c), dtype=x.dtype, device=x.device)
+    for kh in range(4):
+        for kw in range(4):
+            cols[:, :, :, kh, kw, :] = padded[:, kh : kh + 2 * ho : 2, kw : kw + 2 * wo : 2, :]
+    return cols.view(n * ho * wo, 16 * c)
+
+
+def weight_grad_s2k4(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight gradient [O, C, 4, 4] of `conv2d(x, w, stride=2, padding=1)` given its output gradient `gy`.
+
+    One [O, N*ho*wo] x [N*ho*wo, 16*C] matmul over the patches: the CPU's bf16 matmul runs near
+    its peak where oneDNN's bf16 backward-weights convolution does not (bench/edge_layers.py).
+    A transposed convolution's weight gradient [C_in, C_out, 4, 4] is this with the roles swapped:
+    `weight_grad_s2k4(x, gy)`.
+    """
+    n, o, ho, wo = gy.shape
+    c = x.shape[1]
+    g = gy.permute(0, 2, 3, 1).reshape(n * ho * wo, o)
+    gw = torch.mm(g.t(), im2col_s2k4(x, ho, wo))  # [O, 16*C] in (kh, kw, c) order
+    return gw.view(o, 4, 4, c).permute(0, 3, 1, 2)
+
+
 def _conv_grads(
     gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, transposed: bool, mask: tuple[bool, bool]
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -113,6 +145,52 @@ class _ImageConv(torch.autograd.Function):
         gx = phase_transpose(gy, w) if ctx.needs_input_grad[0] else None
         gw = _conv_grads(gy, x, w, False, (False, True))[1] if ctx.needs_input_grad[1] else None
         return gx, gw
+
+
+MATMUL_WGRAD_MAX_PIXELS = 64
+"""The matmul weight gradient pays where the convolution's output map is at most 8x8: its patch
+copy grows with the map, and at 16x16 it costs more than oneDNN's kernel loses (bench/edge_layers.py)."""
+
+
+def _matmul_weight_grad(x: torch.Tensor, small: torch.Tensor) -> bool:
+    """bf16 and a small map only: in fp32 oneDNN's weight gradient is as fast and copies nothing."""
+    return x.dtype == torch.bfloat16 and small.shape[-2] * small.shape[-1] <= MATMUL_WGRAD_MAX_PIXELS
+
+
+class _WideConv(torch.autograd.Function):
+    """Forward and input gradient by oneDNN; the bf16 weight gradient by one matmul."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        return F.conv2d(x, w, stride=2, padding=1)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if not (need_w and _matmul_weight_grad(x, gy)):
+            return _conv_grads(gy, x, w, False, (need_x, need_w))
+        gx = _conv_grads(gy, x, w, False, (True, False))[0] if need_x else None
+        return gx, weight_grad_s2k4(gy, x).to(memory_format=layout(w))
+
+
+class _WideTranspose(torch.autograd.Function):
+    """Forward and input gradient by oneDNN; the bf16 weight gradient by one matmul."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(x, w)
+        return F.conv_transpose2d(x, w, stride=2, padding=1)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+        x, w = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if not (need_w and _matmul_weight_grad(x, x)):
+            return _conv_grads(gy, x, w, True, (need_x, need_w))
+        gx = _conv_grads(gy, x, w, True, (True, False))[0] if need_x else None
+        return gx, weight_grad_s2k4(x, gy).to(memory_format=layout(w))
 
 
 class ProjectTranspose2d(nn.ConvTranspose2d):
@@ -159,3 +237,21 @@ class ImageConv2d(nn.Conv2d):
         if not _stride2_k4(self) or x.shape[-2] % 2 or x.shape[-1] % 2:
             return super().forward(x)
         return _ImageConv.apply(*_compute_dtype(x, self.weight))
+
+
+class WideConv2d(nn.Conv2d):
+    """D's inner stride-2 4x4 convolutions, their bf16 weight gradient by one matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _stride2_k4(self) or x.shape[-2] % 2 or x.shape[-1] % 2:
+            return super().forward(x)
+        return _WideConv.apply(*_compute_dtype(x, self.weight))
+
+
+class WideTranspose2d(nn.ConvTranspose2d):
+    """G's inner stride-2 4x4 transposed convolutions, their bf16 weight gradient by one matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _stride2_k4(self):
+            return super().forward(x)
+        return _WideTranspose.apply(*_compute_dtype(x, self.weight))

@@ -8,8 +8,8 @@
 - weights drawn from N(0, 0.02), batchnorm scales from N(1, 0.02).
 
 One block per doubling of resolution, so 32, 64 and 128 px share one definition. With
-`fast_edges`, the first and last layers of G and D are `dcgan.layers`' forms of the same
-layers (same parameters and state dict), which run faster on the CPU.
+`fast_layers`, the strided layers of G and D are `dcgan.layers`' forms of the same layers
+(same parameters and state dict), which run faster on the CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ import math
 import torch
 from torch import nn
 
-from dcgan.layers import ImageConv2d, ImageTranspose2d, LogitConv2d, ProjectTranspose2d
+from dcgan.layers import (
+    ImageConv2d,
+    ImageTranspose2d,
+    LogitConv2d,
+    ProjectTranspose2d,
+    WideConv2d,
+    WideTranspose2d,
+)
 from dcgan.settings import RESOLUTIONS
 
 
@@ -31,12 +38,13 @@ def _depth(resolution: int) -> int:
 
 class Generator(nn.Module):
     def __init__(
-        self, resolution: int = 64, nz: int = 100, ngf: int = 64, nc: int = 3, fast_edges: bool = False
+        self, resolution: int = 64, nz: int = 100, ngf: int = 64, nc: int = 3, fast_layers: bool = False
     ) -> None:
         super().__init__()
         n = _depth(resolution)
         width = ngf * 2 ** (n - 1)
-        first, last = (ProjectTranspose2d, ImageTranspose2d) if fast_edges else (nn.ConvTranspose2d, nn.ConvTranspose2d)
+        plain = nn.ConvTranspose2d
+        first, inner, last = (ProjectTranspose2d, WideTranspose2d, ImageTranspose2d) if fast_layers else (plain,) * 3
         layers: list[nn.Module] = [
             first(nz, width, 4, 1, 0, bias=False),
             nn.BatchNorm2d(width),
@@ -44,7 +52,7 @@ class Generator(nn.Module):
         ]
         for _ in range(n - 1):
             layers += [
-                nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                inner(width, width // 2, 4, 2, 1, bias=False),
                 nn.BatchNorm2d(width // 2),
                 nn.ReLU(True),
             ]
@@ -59,15 +67,15 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int = 64, ndf: int = 64, nc: int = 3, fast_edges: bool = False) -> None:
+    def __init__(self, resolution: int = 64, ndf: int = 64, nc: int = 3, fast_layers: bool = False) -> None:
         super().__init__()
         n = _depth(resolution)
-        first, last = (ImageConv2d, LogitConv2d) if fast_edges else (nn.Conv2d, nn.Conv2d)
+        first, inner, last = (ImageConv2d, WideConv2d, LogitConv2d) if fast_layers else (nn.Conv2d,) * 3
         layers: list[nn.Module] = [first(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         width = ndf
         for _ in range(n - 1):
             layers += [
-                nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
+                inner(width, width * 2, 4, 2, 1, bias=False),
                 nn.BatchNorm2d(width * 2),
                 nn.LeakyReLU(0.2, True),
             ]
@@ -89,7 +97,7 @@ class ImageNetDiscriminator32(nn.Module):
 
     WIDTHS = (128, 128, 256, 256, 512, 512)
 
-    def __init__(self, fast_edges: bool = False) -> None:
+    def __init__(self, fast_layers: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = 3
@@ -99,7 +107,7 @@ class ImageNetDiscriminator32(nn.Module):
                 layers.append(nn.BatchNorm2d(width))
             layers.append(nn.LeakyReLU(0.2, True))
             c_in = width
-        layers.append((LogitConv2d if fast_edges else nn.Conv2d)(c_in, 1, 4, 1, 0, bias=False))
+        layers.append((LogitConv2d if fast_layers else nn.Conv2d)(c_in, 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,14 +117,14 @@ class ImageNetDiscriminator32(nn.Module):
 DISCRIMINATORS = ("dcgan", "imagenet32")
 
 
-def build_discriminator(kind: str, resolution: int, ndf: int = 64, fast_edges: bool = False) -> nn.Module:
+def build_discriminator(kind: str, resolution: int, ndf: int = 64, fast_layers: bool = False) -> nn.Module:
     """`dcgan`: the guideline D for 32/64/128 px; `imagenet32`: the paper's CIFAR-10 feature D."""
     if kind == "dcgan":
-        return Discriminator(resolution, ndf, fast_edges=fast_edges)
+        return Discriminator(resolution, ndf, fast_layers=fast_layers)
     if kind == "imagenet32":
         if resolution != 32:
             raise ValueError(f"the imagenet32 discriminator works at 32 px, not {resolution}")
-        return ImageNetDiscriminator32(fast_edges)
+        return ImageNetDiscriminator32(fast_layers)
     raise ValueError(f"discriminator must be one of {DISCRIMINATORS}, got {kind!r}")
 
 

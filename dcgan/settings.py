@@ -50,8 +50,8 @@ class TrainSettings(Settings):
     )
     channels_last: bool = Field(True, description="channels_last layout when the step runs in bf16")
     fused_adam: bool = Field(True, description="fused Adam (one kernel for all parameters, CPU or CUDA)")
-    fast_edges: bool = Field(
-        True, description="on the CPU, G's and D's first and last layers in faster forms of the same layers"
+    fast_layers: bool = Field(
+        True, description="on the CPU, G's and D's strided layers in faster forms of the same layers (dcgan.layers)"
     )
     cuda_graphs: bool = Field(True, description="capture the whole step as a CUDA graph (single process)")
     gpu_cache: bool = Field(True, description="decoded images in GPU memory when they fit cache_gb")

@@ -30,7 +30,7 @@ class StepOptions:
     channels_last: bool = False
     cuda_graph: bool = False
     fused_adam: bool = False
-    fast_edges: bool = False
+    fast_layers: bool = False
 
     def describe(self) -> str:
         if self.textbook:
@@ -39,7 +39,7 @@ class StepOptions:
         named = (
             ("channels_last", self.channels_last),
             ("fused Adam", self.fused_adam),
-            ("fast edges", self.fast_edges),
+            ("fast layers", self.fast_layers),
         )
         parts += [name for name, on in named if on]
         parts.append("CUDA graph" if self.cuda_graph else "eager")

@@ -8,7 +8,7 @@ the config and the data; a checkpoint plus the step replays the rest of the run 
 The default step is bf16 autocast + channels_last + fused Adam where bfloat16 is faster
 (a GPU, or a CPU with bfloat16 products: `dcgan.precision`), on CUDA captured whole as a
 CUDA graph and fed from a uint8 cache in GPU memory (`dcgan.step`, `dcgan.data`); each is
-a flag, as are the faster forms of G's and D's edge layers on the CPU (`dcgan.layers`),
+a flag, as are the faster forms of G's and D's strided layers on the CPU (`dcgan.layers`),
 and `loop="textbook"` runs pytorch/examples' eager fp32 loop for comparison.
 Under torchrun the same loop runs data-parallel (`dcgan.distributed`); rank 0 alone
 writes. A non-finite loss or weight rolls back to the last good checkpoint (kept in
@@ -80,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def step_options(cfg: TrainConfig, device: torch.device, world: World) -> StepOptions:
-    """Which fast paths apply: bf16 (+ channels_last) where it is faster, fused Adam, fast edge layers
+    """Which fast paths apply: bf16 (+ channels_last) where it is faster, fused Adam, the fast layers
     on the CPU, CUDA graphs on CUDA."""
     if cfg.loop == "textbook":
         return StepOptions(textbook=True)
@@ -90,7 +90,7 @@ def step_options(cfg: TrainConfig, device: torch.device, world: World) -> StepOp
         autocast=torch.bfloat16 if low else None,
         channels_last=low and cfg.channels_last,
         fused_adam=cfg.fused_adam,
-        fast_edges=cfg.fast_edges and device.type == "cpu",
+        fast_layers=cfg.fast_layers and device.type == "cpu",
         cuda_graph=cuda and cfg.cuda_graphs and not world.distributed,
     )
 
@@ -114,8 +114,8 @@ class Trainer:
         self.options = options or step_options(cfg, self.device, self.world)
         self.run_dir = Path(cfg.run_dir)
         torch.manual_seed(cfg.seed)
-        fast = self.options.fast_edges
-        self.G = Generator(cfg.resolution, cfg.nz, cfg.ngf, fast_edges=fast).to(self.device)
+        fast = self.options.fast_layers
+        self.G = Generator(cfg.resolution, cfg.nz, cfg.ngf, fast_layers=fast).to(self.device)
         self.D = build_discriminator(cfg.discriminator, cfg.resolution, cfg.ndf, fast).to(self.device)
         self.G.apply(init_weights)
         self.D.apply(init_weights)

@@ -1,4 +1,4 @@
-"""The fast edge layers compute torch's layers: outputs and both gradients, fp32 and bf16, both layouts."""
+"""The fast layers compute torch's layers: outputs and both gradients, fp32 and bf16, both layouts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcgan.layers import ImageConv2d, ImageTranspose2d, LogitConv2d, ProjectTranspose2d, phase_transpose
+from dcgan.layers import (
+    ImageConv2d,
+    ImageTranspose2d,
+    LogitConv2d,
+    ProjectTranspose2d,
+    WideConv2d,
+    WideTranspose2d,
+    phase_transpose,
+    weight_grad_s2k4,
+)
 from dcgan.models import Discriminator, Generator, ImageNetDiscriminator32
 
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
@@ -38,6 +47,11 @@ CASES = [  # (fast, torch, constructor args, input shape)
     (ImageTranspose2d, nn.ConvTranspose2d, (16, 3, 4, 2, 1), (6, 16, 5, 7)),
     (ImageConv2d, nn.Conv2d, (3, 16, 4, 2, 1), (6, 3, 16, 16)),
     (ImageConv2d, nn.Conv2d, (3, 16, 4, 2, 1), (6, 3, 10, 14)),
+    (WideConv2d, nn.Conv2d, (16, 24, 4, 2, 1), (6, 16, 8, 8)),  # 4x4 out: matmul weight gradient in bf16
+    (WideConv2d, nn.Conv2d, (16, 24, 4, 2, 1), (3, 16, 32, 32)),  # 16x16 out: oneDNN's
+    (WideTranspose2d, nn.ConvTranspose2d, (24, 16, 4, 2, 1), (6, 24, 4, 4)),
+    (WideTranspose2d, nn.ConvTranspose2d, (24, 16, 4, 2, 1), (6, 24, 5, 3)),
+    (WideTranspose2d, nn.ConvTranspose2d, (24, 16, 4, 2, 1), (3, 24, 16, 16)),  # 16x16 in: oneDNN's
 ]
 
 
@@ -72,10 +86,30 @@ def test_phase_transpose_is_conv_transpose() -> None:
     torch.testing.assert_close(phase_transpose(x, w), F.conv_transpose2d(x, w, stride=2, padding=1))
 
 
+@pytest.mark.parametrize("shape", [(4, 8, 8, 8), (3, 8, 10, 6), (2, 8, 7, 9)])
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "channels_last"])
+def test_weight_grad_s2k4_is_the_convolutions_weight_gradient(shape, fmt) -> None:  # noqa: ANN001
+    """For a convolution and, roles swapped, for a transposed one (float64: exact to rounding)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64, generator=g).contiguous(memory_format=fmt)
+    w = torch.randn(5, shape[1], 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = F.conv2d(x, w, stride=2, padding=1)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g).contiguous(memory_format=fmt)
+    (want,) = torch.autograd.grad(y, w, gy)
+    torch.testing.assert_close(weight_grad_s2k4(gy, x), want)
+    wt = torch.randn(5, shape[1], 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    yt = F.conv_transpose2d(gy, wt, stride=2, padding=1)  # [.., 2h, 2w]: x's size only when it is even
+    gyt = torch.randn(yt.shape, dtype=torch.float64, generator=g)
+    (want_t,) = torch.autograd.grad(yt, wt, gyt)
+    torch.testing.assert_close(weight_grad_s2k4(gy, gyt), want_t)
+
+
 def test_uncovered_shapes_fall_back_to_torch() -> None:
     """Other strides, paddings or input sizes run torch's own layer (same numbers, no error)."""
     for layer, x in (
         (ImageConv2d(3, 8, 4, 2, 1, bias=False), torch.randn(2, 3, 9, 9)),  # odd size
+        (WideConv2d(8, 4, 4, 2, 1, bias=False), torch.randn(2, 8, 9, 9)),  # odd size
+        (WideTranspose2d(8, 4, 3, 2, 1, bias=False), torch.randn(2, 8, 5, 5)),  # 3x3 kernel
         (ImageTranspose2d(8, 3, 4, 1, 0, bias=False), torch.randn(2, 8, 5, 5)),  # stride 1
         (LogitConv2d(8, 1, 4, 1, 0, bias=False), torch.randn(2, 8, 6, 6)),  # not a single pixel out
         (ProjectTranspose2d(8, 4, 4, 1, 0, bias=False), torch.randn(2, 8, 2, 2)),  # not 1x1 in
@@ -84,16 +118,18 @@ def test_uncovered_shapes_fall_back_to_torch() -> None:
         torch.testing.assert_close(layer(x), base.forward(layer, x))
 
 
-def test_models_with_fast_edges_share_state_dicts_and_outputs() -> None:
+def test_models_with_fast_layers_share_state_dicts_and_outputs() -> None:
     """Checkpoints load either way; the same weights give the same images and logits."""
     for plain, fast, x in (
-        (Generator(32, ngf=8), Generator(32, ngf=8, fast_edges=True), torch.randn(3, 100)),
-        (Discriminator(64, ndf=8), Discriminator(64, ndf=8, fast_edges=True), torch.randn(3, 3, 64, 64)),
-        (ImageNetDiscriminator32(), ImageNetDiscriminator32(fast_edges=True), torch.randn(3, 3, 32, 32)),
+        (Generator(32, ngf=8), Generator(32, ngf=8, fast_layers=True), torch.randn(3, 100)),
+        (Discriminator(64, ndf=8), Discriminator(64, ndf=8, fast_layers=True), torch.randn(3, 3, 64, 64)),
+        (ImageNetDiscriminator32(), ImageNetDiscriminator32(fast_layers=True), torch.randn(3, 3, 32, 32)),
     ):
         assert plain.state_dict().keys() == fast.state_dict().keys()
         fast.load_state_dict(plain.state_dict())
         plain.eval(), fast.eval()
         torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
-    assert isinstance(Generator(32, fast_edges=True).main[0], ProjectTranspose2d)
+    assert isinstance(Generator(32, fast_layers=True).main[0], ProjectTranspose2d)
+    assert isinstance(Generator(32, fast_layers=True).main[3], WideTranspose2d)
+    assert isinstance(Discriminator(32, fast_layers=True).main[2], WideConv2d)
     assert type(Generator(32).main[0]) is nn.ConvTranspose2d

@@ -43,7 +43,7 @@ def test_fast_step_tracks_the_textbook_step(shards_dir: Path, tmp_path: Path) ->
     """Same seed, data and noise: BCE-with-logits and G-only backward give the textbook's numbers."""
     cfg = tiny(shards_dir, tmp_path / "r")
     textbook, tb = run_steps(cfg, StepOptions(textbook=True), 6)
-    for options in (StepOptions(), StepOptions(fast_edges=True)):
+    for options in (StepOptions(), StepOptions(fast_layers=True)):
         ours, fast = run_steps(cfg, options, 6)
         for a, b in zip(textbook, ours, strict=True):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-5), dict(zip(METRICS, zip(a, b, strict=True), strict=True))
@@ -56,7 +56,7 @@ def test_bf16_channels_last_fused_adam_step_runs_and_stays_close(shards_dir: Pat
     """The CUDA fast path's numerics (bf16 autocast, channels_last, fused Adam), exercised on CPU."""
     cfg = tiny(shards_dir, tmp_path / "r")
     textbook, _ = run_steps(cfg, StepOptions(textbook=True), 4)
-    opts = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True, fast_edges=True)
+    opts = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True, fast_layers=True)
     fast, trainer = run_steps(cfg, opts, 4)
     assert trainer.optD.defaults["fused"] and next(trainer.G.parameters()).dtype == torch.float32
     for a, b in zip(textbook, fast, strict=True):
@@ -71,8 +71,8 @@ def test_fast_paths_follow_precision_and_can_be_switched_off(shards_dir: Path, t
 
     cfg = tiny(shards_dir, tmp_path / "r")
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    bf16 = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True, fast_edges=True)
-    fp32 = StepOptions(fused_adam=True, fast_edges=True)
+    bf16 = StepOptions(autocast=torch.bfloat16, channels_last=True, fused_adam=True, fast_layers=True)
+    fp32 = StepOptions(fused_adam=True, fast_layers=True)
     assert step_options(tiny(shards_dir, tmp_path / "r", precision="fp32"), cpu, World()) == fp32
     assert step_options(tiny(shards_dir, tmp_path / "r", precision="bf16"), cpu, World()) == bf16
     assert step_options(cfg, cpu, World()) in (bf16, fp32)  # auto: timed once on this CPU
@@ -81,7 +81,7 @@ def test_fast_paths_follow_precision_and_can_be_switched_off(shards_dir: Path, t
     )
     off = tiny(shards_dir, tmp_path / "r", precision="fp32", channels_last=False, fused_adam=False, cuda_graphs=False)
     assert step_options(off, cuda, World()) == StepOptions()
-    assert step_options(off.model_copy(update={"fast_edges": False}), cpu, World()) == StepOptions()
+    assert step_options(off.model_copy(update={"fast_layers": False}), cpu, World()) == StepOptions()
     assert step_options(cfg, cuda, World(0, 2, 0)).cuda_graph is False  # DDP runs eager
     assert step_options(tiny(shards_dir, tmp_path / "r", loop="textbook"), cuda, World()).textbook
 
@@ -276,9 +276,9 @@ def test_train_flow_runs_data_parallel_under_torchrun(prefect_api: None, shards_
     r = train_flow(str(work), settings, run="ddp")
     low = use_bfloat16("auto", "cpu")  # each rank makes the same timed decision as this process
     path = (
-        "bfloat16 autocast, channels_last, fused Adam, fast edges, eager"
+        "bfloat16 autocast, channels_last, fused Adam, fast layers, eager"
         if low
-        else "fp32, fused Adam, fast edges, eager"
+        else "fp32, fused Adam, fast layers, eager"
     )
     assert r["world_size"] == 2 and r["steps"] == 2 and r["step_path"] == path
     assert (work / "reports" / "train-ddp.md").read_text().count("8 x 2") == 1
