@@ -157,40 +157,25 @@ def _matmul_weight_grad(x: torch.Tensor, small: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and small.shape[-2] * small.shape[-1] <= MATMUL_WGRAD_MAX_PIXELS
 
 
-class _WideConv(torch.autograd.Function):
-    """Forward and input gradient by oneDNN; the bf16 weight gradient by one matmul."""
+class _Wide(torch.autograd.Function):
+    """Forward and input gradient by oneDNN; the bf16 weight gradient of a small map by one matmul."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:  # noqa: ANN001
         ctx.save_for_backward(x, w)
-        return F.conv2d(x, w, stride=2, padding=1)
+        ctx.transposed = transposed
+        conv = F.conv_transpose2d if transposed else F.conv2d
+        return conv(x, w, stride=2, padding=1)
 
     @staticmethod
-    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # noqa: ANN001
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        if not (need_w and _matmul_weight_grad(x, gy)):
-            return _conv_grads(gy, x, w, False, (need_x, need_w))
-        gx = _conv_grads(gy, x, w, False, (True, False))[0] if need_x else None
-        return gx, weight_grad_s2k4(gy, x).to(memory_format=layout(w))
-
-
-class _WideTranspose(torch.autograd.Function):
-    """Forward and input gradient by oneDNN; the bf16 weight gradient by one matmul."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(x, w)
-        return F.conv_transpose2d(x, w, stride=2, padding=1)
-
-    @staticmethod
-    def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
-        x, w = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if not (need_w and _matmul_weight_grad(x, x)):
-            return _conv_grads(gy, x, w, True, (need_x, need_w))
-        gx = _conv_grads(gy, x, w, True, (True, False))[0] if need_x else None
-        return gx, weight_grad_s2k4(x, gy).to(memory_format=layout(w))
+        small, big = (x, gy) if ctx.transposed else (gy, x)  # a transposed convolution's roles are swapped
+        if not (need_w and _matmul_weight_grad(x, small)):
+            return (*_conv_grads(gy, x, w, ctx.transposed, (need_x, need_w)), None)
+        gx = _conv_grads(gy, x, w, ctx.transposed, (True, False))[0] if need_x else None
+        return gx, weight_grad_s2k4(small, big).to(memory_format=layout(w)), None
 
 
 class ProjectTranspose2d(nn.ConvTranspose2d):
@@ -245,7 +230,7 @@ class WideConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _stride2_k4(self) or x.shape[-2] % 2 or x.shape[-1] % 2:
             return super().forward(x)
-        return _WideConv.apply(*_compute_dtype(x, self.weight))
+        return _Wide.apply(*_compute_dtype(x, self.weight), False)
 
 
 class WideTranspose2d(nn.ConvTranspose2d):
@@ -254,4 +239,4 @@ class WideTranspose2d(nn.ConvTranspose2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _stride2_k4(self):
             return super().forward(x)
-        return _WideTranspose.apply(*_compute_dtype(x, self.weight))
+        return _Wide.apply(*_compute_dtype(x, self.weight), True)
