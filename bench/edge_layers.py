@@ -1,4 +1,4 @@
-"""The fast edge layers (dcgan/layers.py) against torch's layers, in one process.
+"""The fast layers (dcgan/layers.py) against torch's layers, in one process.
 
 Each pair computes the same function with the same weights; both run forward and the
 backward the training step asks of that layer (input and/or weight gradient), under the
@@ -21,7 +21,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dcgan.layers import ImageConv2d, ImageTranspose2d, LogitConv2d, ProjectTranspose2d  # noqa: E402
+from dcgan.layers import (  # noqa: E402
+    ImageConv2d,
+    ImageTranspose2d,
+    LogitConv2d,
+    ProjectTranspose2d,
+    WideConv2d,
+    WideTranspose2d,
+)
 from dcgan.precision import use_bfloat16  # noqa: E402
 
 
@@ -67,6 +74,22 @@ def main() -> None:
         ("G image layer", ImageTranspose2d, nn.ConvTranspose2d, (w, 3, 4, 2, 1), (n, w, r // 2, r // 2), [(1, 1)]),
         ("D image layer", ImageConv2d, nn.Conv2d, (3, w, 4, 2, 1), (n, 3, r, r), [(0, 1), (1, 0)]),
     ]
+    for i in range(r.bit_length() - 4):  # the inner stride-2 layers; their input gradients run as before
+        c, side = w * 2**i, r // 2 ** (i + 1)
+        cases.append(
+            (f"D {c}->{2 * c} at {side} px", WideConv2d, nn.Conv2d, (c, 2 * c, 4, 2, 1), (n, c, side, side), [(1, 1)])
+        )
+        c, side = top // 2**i, 4 * 2**i
+        cases.append(
+            (
+                f"G {c}->{c // 2} at {side} px",
+                WideTranspose2d,
+                nn.ConvTranspose2d,
+                (c, c // 2, 4, 2, 1),
+                (n, c, side, side),
+                [(1, 1)],
+            )
+        )
     print(f"# cpu, torch {torch.__version__}, {'bf16 autocast, channels_last' if bf16 else 'fp32'}, batch {n}, {r} px")
     for name, fast_cls, torch_cls, ctor, shape, uses in cases:
         fast = fast_cls(*ctor, bias=False).to(memory_format=fmt)
@@ -79,7 +102,7 @@ def main() -> None:
             for layer in (ref, fast):
                 times.append(best_ms(pass_of(layer, x, bool(grad_x), bool(grad_w), bf16), args.calls, args.repeats))
             print(
-                f"{name:18s} forward+{what:23s} torch {times[0]:6.2f} ms  fast {times[1]:6.2f} ms  "
+                f"{name:20s} forward+{what:23s} torch {times[0]:6.2f} ms  fast {times[1]:6.2f} ms  "
                 f"ratio {times[0] / times[1]:.2f}x"
             )
 

@@ -2,8 +2,9 @@
 
 For each batch size: the textbook step (eager fp32, Sigmoid + BCELoss, stock Adam) and ours
 (by default on CUDA: bf16 autocast, channels_last, fused Adam, one CUDA graph per step; on the
-CPU: bf16 autocast where the CPU has bf16 products, channels_last, fused Adam, fast edge layers) on
-synthetic uint8 batches already on the device; ours again fed from real shards through the
+CPU: bf16 autocast where the CPU has bf16 products, channels_last, fused Adam, the fast layers of
+dcgan.layers) on synthetic uint8 batches already on the device; with --ablate ours again without
+the fast layers; ours again fed from real shards through the
 GPU cache, and (with --stream-workers) through the WebDataset loader. The paths take turns
 for --repeats rounds and the best round of each counts. Prints img/s,
 achieved TFLOP/s (FLOPs of one step counted by torch's FlopCounterMode) against a bf16
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -105,6 +107,9 @@ def main() -> None:
     )
     parser.add_argument("--shards", default=None, help="final shards at --resolution, for the real-data rows")
     parser.add_argument("--stream-workers", type=int, default=0, help="also feed ours through WebDataset workers")
+    parser.add_argument(
+        "--ablate", action="store_true", help="also time ours without the fast layers (dcgan.layers), same process"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -129,6 +134,8 @@ def main() -> None:
             ("textbook", StepOptions(textbook=True), lambda step, s=synthetic: s),
             ("ours", ours_opts, lambda step, s=synthetic: s),
         ]
+        if args.ablate:
+            feeds.append(("ours", replace(ours_opts, fast_layers=False), lambda step, s=synthetic: s))
         if args.shards:
             urls, total = shard_urls(Path(args.shards), args.resolution)
             cache = CachedImages(urls, total, seed=0, device=device)
@@ -136,7 +143,8 @@ def main() -> None:
             if args.stream_workers:
                 stream = stream_batches(urls, total, batch, seed=0, workers=args.stream_workers)
                 feeds.append(("ours", ours_opts, lambda step, s=stream: next(s).to(device, non_blocking=True)))
-        data_names = ["synthetic", "synthetic", "shards (cache)", f"shards (stream, {args.stream_workers} workers)"]
+        data_names = ["synthetic", "synthetic"] + ["synthetic, no fast layers"] * args.ablate
+        data_names += ["shards (cache)", f"shards (stream, {args.stream_workers} workers)"]
         trainers = [Trainer(config(args, batch, args.shards or ""), options=opts) for _, opts, _ in feeds]
         best = [0.0] * len(feeds)
         for repeat in range(args.repeats):  # alternate the paths: a noisy machine hurts them alike
