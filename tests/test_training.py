@@ -64,7 +64,7 @@ def test_bf16_channels_last_fused_adam_step_runs_and_stays_close(shards_dir: Pat
 
 
 def test_fast_paths_follow_precision_and_can_be_switched_off(shards_dir: Path, tmp_path: Path) -> None:
-    """bf16 (+ channels_last) where `precision` says so, fused Adam everywhere, fast edges on the CPU only,
+    """bf16 (+ channels_last) where `precision` says so, fused Adam everywhere, fast layers on the CPU only,
     CUDA graphs on CUDA only."""
     from dcgan.distributed import World
     from dcgan.train import step_options
