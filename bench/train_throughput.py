@@ -130,27 +130,27 @@ def main() -> None:
         per_image = {tb: flops_per_image(args, batch, StepOptions(textbook=tb)) for tb in (True, False)}
         synthetic = torch.randint(0, 256, (batch, args.resolution, args.resolution, 3), dtype=torch.uint8)
         synthetic = synthetic.to(device).permute(0, 3, 1, 2)
-        feeds: list[tuple[str, StepOptions, Callable[[int], torch.Tensor]]] = [
-            ("textbook", StepOptions(textbook=True), lambda step, s=synthetic: s),
-            ("ours", ours_opts, lambda step, s=synthetic: s),
+        feeds: list[tuple[str, str, StepOptions, Callable[[int], torch.Tensor]]] = [  # path, data, options, feed
+            ("textbook", "synthetic", StepOptions(textbook=True), lambda step, s=synthetic: s),
+            ("ours", "synthetic", ours_opts, lambda step, s=synthetic: s),
         ]
         if args.ablate:
-            feeds.append(("ours", replace(ours_opts, fast_layers=False), lambda step, s=synthetic: s))
+            no_fast = replace(ours_opts, fast_layers=False)
+            feeds.append(("ours", "synthetic, no fast layers", no_fast, lambda step, s=synthetic: s))
         if args.shards:
             urls, total = shard_urls(Path(args.shards), args.resolution)
             cache = CachedImages(urls, total, seed=0, device=device)
-            feeds.append(("ours", ours_opts, lambda step, c=cache, b=batch: c.batch(step, b)))
+            feeds.append(("ours", "shards (cache)", ours_opts, lambda step, c=cache, b=batch: c.batch(step, b)))
             if args.stream_workers:
                 stream = stream_batches(urls, total, batch, seed=0, workers=args.stream_workers)
-                feeds.append(("ours", ours_opts, lambda step, s=stream: next(s).to(device, non_blocking=True)))
-        data_names = ["synthetic", "synthetic"] + ["synthetic, no fast layers"] * args.ablate
-        data_names += ["shards (cache)", f"shards (stream, {args.stream_workers} workers)"]
-        trainers = [Trainer(config(args, batch, args.shards or ""), options=opts) for _, opts, _ in feeds]
+                data = f"shards (stream, {args.stream_workers} workers)"
+                feeds.append(("ours", data, ours_opts, lambda step, s=stream: next(s).to(device, non_blocking=True)))
+        trainers = [Trainer(config(args, batch, args.shards or ""), options=opts) for _, _, opts, _ in feeds]
         best = [0.0] * len(feeds)
         for repeat in range(args.repeats):  # alternate the paths: a noisy machine hurts them alike
-            for i, ((_, _, feed), trainer) in enumerate(zip(feeds, trainers, strict=True)):
+            for i, ((_, _, _, feed), trainer) in enumerate(zip(feeds, trainers, strict=True)):
                 best[i] = max(best[i], rate(trainer, feed, args.steps, args.warmup if repeat == 0 else 0))
-        for (path, opts, _), data, r in zip(feeds, data_names, best, strict=False):
+        for (path, data, opts, _), r in zip(feeds, best, strict=True):
             flops = per_image[opts.textbook]
             tflops = r * flops / 1e12
             row = dict(path=path, data=data, batch=batch, img_per_s=r, tflops=tflops, ratio=r / best[0])

@@ -78,6 +78,11 @@ def _stride2_k4(layer: nn.Conv2d | nn.ConvTranspose2d) -> bool:
     )
 
 
+def _even(x: torch.Tensor) -> bool:
+    """Even height and width: the parity and patch forms cover exactly these input sizes."""
+    return x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
+
+
 def im2col_s2k4(x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
     """The 4x4 patches a stride-2, padding-1 convolution of `x` [N, C, H, W] reads: [N*ho*wo, 16*C].
 
@@ -96,7 +101,7 @@ def weight_grad_s2k4(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The weight gradient [O, C, 4, 4] of `conv2d(x, w, stride=2, padding=1)` given its output gradient `gy`.
 
     One [O, N*ho*wo] x [N*ho*wo, 16*C] matmul over the patches: the CPU's bf16 matmul runs near
-    its peak where oneDNN's bf16 backward-weights convolution does not (bench/edge_layers.py).
+    its peak where oneDNN's bf16 backward-weights convolution does not (bench/fast_layers.py).
     A transposed convolution's weight gradient [C_in, C_out, 4, 4] is this with the roles swapped:
     `weight_grad_s2k4(x, gy)`.
     """
@@ -149,7 +154,7 @@ class _ImageConv(torch.autograd.Function):
 
 MATMUL_WGRAD_MAX_PIXELS = 64
 """The matmul weight gradient pays where the convolution's output map is at most 8x8: its patch
-copy grows with the map, and at 16x16 it costs more than oneDNN's kernel loses (bench/edge_layers.py)."""
+copy grows with the map, and at 16x16 it costs more than oneDNN's kernel loses (bench/fast_layers.py)."""
 
 
 def _matmul_weight_grad(x: torch.Tensor, small: torch.Tensor) -> bool:
@@ -219,7 +224,7 @@ class ImageConv2d(nn.Conv2d):
     """D's first layer (stride 2, 4x4, from the image), its input gradient by phases."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _stride2_k4(self) or x.shape[-2] % 2 or x.shape[-1] % 2:
+        if not (_stride2_k4(self) and _even(x)):
             return super().forward(x)
         return _ImageConv.apply(*_compute_dtype(x, self.weight))
 
@@ -228,7 +233,7 @@ class WideConv2d(nn.Conv2d):
     """D's inner stride-2 4x4 convolutions, their bf16 weight gradient by one matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _stride2_k4(self) or x.shape[-2] % 2 or x.shape[-1] % 2:
+        if not (_stride2_k4(self) and _even(x)):
             return super().forward(x)
         return _Wide.apply(*_compute_dtype(x, self.weight), False)
 

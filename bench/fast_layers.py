@@ -5,7 +5,7 @@ backward the training step asks of that layer (input and/or weight gradient), un
 step's precision (bf16 autocast + channels_last on a CPU with bf16 products, else fp32).
 Prints ms per call of each and the ratio torch / fast (best of --repeats rounds).
 
-    python bench/edge_layers.py --resolution 32 --batch 128
+    python bench/fast_layers.py --resolution 32 --batch 128
 """
 
 from __future__ import annotations
