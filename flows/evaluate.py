@@ -13,6 +13,7 @@ import numpy as np
 from prefect import flow, task
 from torch import nn
 
+from dcgan.checkpoint import list_checkpoints
 from dcgan.evaluation.arithmetic import parse_arithmetic, vector_arithmetic
 from dcgan.evaluation.cifar import cifar10_protocol, seeded
 from dcgan.evaluation.feature_removal import before_after_grid, feature_map_removal, load_boxes
@@ -42,9 +43,17 @@ from preprocessing.preview import tile
 RANDOM_D_SEED = 12345
 
 
-def eval_dir_for(run_dir: Path) -> Path:
-    """`<work>/train/<run>` -> `<work>/eval/<run>`."""
-    return run_dir.parent.parent / "eval" / run_dir.name
+def eval_dir_for(run_dir: Path, checkpoint: Path | None = None) -> Path:
+    """`<work>/train/<run>` -> `<work>/eval/<run>` for the run's newest checkpoint.
+
+    An earlier checkpoint (or `best.pt`) is evaluated into `<work>/eval/<run>@<checkpoint stem>`,
+    so comparing training lengths never writes over the evaluation of the run itself.
+    """
+    base = run_dir.parent.parent / "eval" / run_dir.name
+    newest = list_checkpoints(run_dir)[-1:]
+    if checkpoint is None or [Path(checkpoint).resolve()] == [p.resolve() for p in newest]:
+        return base
+    return base.with_name(f"{run_dir.name}@{Path(checkpoint).stem}")
 
 
 def _checkpoint(checkpoint: str | None) -> Path | None:
@@ -96,8 +105,8 @@ def run_models(run: str, checkpoint: str) -> Loaded:
     return copy.deepcopy(cfg), copy.deepcopy(G), copy.deepcopy(D), step
 
 
-def _save_figure(run: str, name: str, rgb: np.ndarray) -> None:
-    figures = eval_dir_for(Path(run)) / "figures"
+def _save_figure(out: str, name: str, rgb: np.ndarray) -> None:
+    figures = Path(out) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
@@ -130,7 +139,7 @@ def cifar10_task(run: str, checkpoint: str, settings: EvaluateSettings, device: 
 
 
 @task
-def samples_task(run: str, checkpoint: str, n: int) -> dict:
+def samples_task(run: str, checkpoint: str, out: str, n: int) -> dict:
     """SWD between generated and training images, memorisation, plus sample and latent-walk grids."""
     cfg, G, D, step = run_models(run, checkpoint)
     real, fake = real_and_generated(G, cfg, n)
@@ -142,7 +151,7 @@ def samples_task(run: str, checkpoint: str, n: int) -> dict:
         ("memorisation", neighbours, 4),
     )
     for name, images, cols in grids:
-        _save_figure(run, name, tile(list(images), columns=cols))
+        _save_figure(out, name, tile(list(images), columns=cols))
     return {
         "step": step,
         "swd": sliced_wasserstein_distance(real, fake),
@@ -153,12 +162,12 @@ def samples_task(run: str, checkpoint: str, n: int) -> dict:
 
 
 @task
-def sample_sheet_task(run: str, checkpoint: str) -> dict:
+def sample_sheet_task(run: str, checkpoint: str, out: str) -> dict:
     """The numbered sheet users pick arithmetic exemplars and draw boxes on, and its z's."""
     cfg, G, _, _ = run_models(run, checkpoint)
     z = sheet_noise(cfg)
-    _save_figure(run, "sample_sheet", numbered_sheet(generate(G, z)))
-    z_path = eval_dir_for(Path(run)) / "sample_sheet_z.npy"
+    _save_figure(out, "sample_sheet", numbered_sheet(generate(G, z)))
+    z_path = Path(out) / "sample_sheet_z.npy"
     np.save(z_path, z.numpy())
     return {"samples": SHEET_SIZE, "seed": SHEET_SEED, "z": str(z_path), "figure": "figures/sample_sheet.png"}
 
@@ -181,29 +190,29 @@ def fid_task(run: str, checkpoint: str, inception: str, n: int, device: str) -> 
 
 
 @task
-def guided_backprop_task(run: str, checkpoint: str, n: int) -> dict:
+def guided_backprop_task(run: str, checkpoint: str, out: str, n: int) -> dict:
     """Guided backprop of the top features of the trained D and of a random D, on training images."""
     cfg, _, D, _ = run_models(run, checkpoint)
     images = real_images(cfg["shards"], n, seed=1)
     figure, summary = trained_vs_random(D, seeded(copy.deepcopy(D), seed=RANDOM_D_SEED), images)
-    _save_figure(run, "guided_backprop", figure)
+    _save_figure(out, "guided_backprop", figure)
     return summary
 
 
 @task
-def arithmetic_task(run: str, checkpoint: str, concepts: str, expression: str) -> dict:
+def arithmetic_task(run: str, checkpoint: str, out: str, concepts: str, expression: str) -> dict:
     cfg, G, _, _ = run_models(run, checkpoint)
     figure, summary = vector_arithmetic(G, sheet_noise(cfg), parse_arithmetic(concepts, expression, SHEET_SIZE))
-    _save_figure(run, "vector_arithmetic", figure)
+    _save_figure(out, "vector_arithmetic", figure)
     return summary
 
 
 @task
-def removal_task(run: str, checkpoint: str, boxes: str) -> dict:
+def removal_task(run: str, checkpoint: str, out: str, boxes: str) -> dict:
     cfg, G, _, _ = run_models(run, checkpoint)
     parsed = load_boxes(Path(boxes), cfg["resolution"], SHEET_SIZE)
     images, summary = feature_map_removal(G, sheet_noise(cfg), parsed, cfg["resolution"])
-    _save_figure(run, "feature_removal", before_after_grid(images, summary["annotated_samples"]))
+    _save_figure(out, "feature_removal", before_after_grid(images, summary["annotated_samples"]))
     return summary
 
 
@@ -225,20 +234,18 @@ def svhn_task(run: str, checkpoint: str, settings: EvaluateSettings, device: str
 
 
 @task
-def write_report(run: str, metrics: dict) -> str:
-    """eval/<run>/report.md and metrics.json, the stage report, and the full report as a Prefect artifact."""
-    out = eval_dir_for(Path(run))
+def write_report(run: str, out: str, metrics: dict) -> str:
+    """<out>/report.md and metrics.json, the stage report, and the full report as a Prefect artifact."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "metrics.json", metrics)
-    md = render_report(Path(run).name, metrics)
+    md = render_report(out.name, metrics)
     atomic_write_bytes(out / "report.md", md.encode())
     # The stage report carries the latent walks inline instead of the figure links; the artifact
     # `eval-<run>-report` is the whole report with every figure inline.
     summary = "\n".join(line for line in md.splitlines() if "](figures/" not in line)
-    publish(
-        Path(run).parent.parent, f"eval-{Path(run).name}", summary, (out / "figures" / "latent_walks.png").read_bytes()
-    )
-    key = report_key(f"eval-{Path(run).name}-report")
+    publish(Path(run).parent.parent, f"eval-{out.name}", summary, (out / "figures" / "latent_walks.png").read_bytes())
+    key = report_key(f"eval-{out.name}-report")
     create_report_artifact(md, out, key=key, description="dcgan-pipeline: full evaluation report")
     return str(out)
 
@@ -258,6 +265,7 @@ def evaluate_flow(
     evaluation, vector arithmetic (`settings.arithmetic` + `settings.expression`) and feature-map removal
     (`boxes`). Every input is checked before anything is written. The run is read from disk once,
     by that check; the tasks receive its directory and the checkpoint it resolved (see `run_models`).
+    Writes `<work>/eval/<run>`, or for an earlier checkpoint `<work>/eval/<run>@<stem>` (`eval_dir_for`).
     """
     checked = check_inputs(  # loads the run: the evaluation's one load_run
         Path(run),
@@ -266,21 +274,22 @@ def evaluate_flow(
         boxes=Path(boxes) if boxes else None,
     )
     ckpt = str(checked.checkpoint)  # every task evaluates this one, even if a newer one appears meanwhile
+    out = str(eval_dir_for(Path(run), checked.checkpoint if checkpoint else None))
     with _loaded_once(run, ckpt, checked.loaded):
         device = str(resolve_device(settings.device))
         s = settings
-        metrics: dict = {"samples": samples_task(run, ckpt, s.swd_images)}
+        metrics: dict = {"samples": samples_task(run, ckpt, out, s.swd_images)}
         metrics["step"] = metrics["samples"].pop("step")
-        metrics["sample_sheet"] = sample_sheet_task(run, ckpt)
-        metrics["guided_backprop"] = guided_backprop_task(run, ckpt, s.guided_images)
+        metrics["sample_sheet"] = sample_sheet_task(run, ckpt, out)
+        metrics["guided_backprop"] = guided_backprop_task(run, ckpt, out, s.guided_images)
         if s.inception is not None:
             metrics["fid"] = fid_task(run, ckpt, s.inception, s.swd_images, device)
         if s.arithmetic is not None:
-            metrics["arithmetic"] = arithmetic_task(run, ckpt, s.arithmetic, s.expression)
+            metrics["arithmetic"] = arithmetic_task(run, ckpt, out, s.arithmetic, s.expression)
         if boxes is not None:
-            metrics["feature_removal"] = removal_task(run, ckpt, boxes)
+            metrics["feature_removal"] = removal_task(run, ckpt, out, boxes)
         if s.cifar10 is not None:
             metrics.update(cifar10_task(run, ckpt, s, device))
         if s.svhn is not None:
             metrics["svhn"] = svhn_task(run, ckpt, s, device)
-    return {**metrics, "eval_dir": write_report(run, metrics)}
+    return {**metrics, "eval_dir": write_report(run, out, metrics)}

@@ -639,3 +639,28 @@ def test_evaluate_flow_loads_the_run_once(
     assert len(calls) == 1, calls
     assert calls[0][1] is not None and Path(calls[0][1]).name == "step-00000002.pt"  # resolved once, by the flow
     assert not _LOADED
+
+
+@pytest.mark.slow
+def test_an_earlier_checkpoint_is_evaluated_beside_the_run_not_over_it(
+    prefect_api: None, tiny_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from flows.evaluate import eval_dir_for, evaluate_flow
+
+    run = tmp_path / "work" / "train" / "lengths"
+    shutil.copytree(tiny_run, run)
+    earlier = run / "checkpoints" / "step-00000001.pt"
+    shutil.copy(run / "checkpoints" / "step-00000002.pt", earlier)
+    settings = EvaluateSettings(swd_images=32, guided_images=8, device="cpu")
+    main = Path(evaluate_flow(str(run), settings)["eval_dir"])
+    assert main == tmp_path / "work" / "eval" / "lengths"
+    before = {p: p.read_bytes() for p in main.rglob("*") if p.is_file()}
+    other = Path(evaluate_flow(str(run), settings, checkpoint=str(earlier))["eval_dir"])
+    assert other == tmp_path / "work" / "eval" / "lengths@step-00000001"
+    assert (other / "metrics.json").is_file() and (other / "figures" / "samples.png").is_file()
+    assert "lengths@step-00000001" in (other / "report.md").read_text()
+    assert {p: p.read_bytes() for p in main.rglob("*") if p.is_file()} == before  # the run's evaluation untouched
+    assert (tmp_path / "work" / "reports" / "eval-lengths-step-00000001.md").is_file()
+    assert eval_dir_for(run, run / "checkpoints" / "step-00000002.pt") == main  # naming the newest is the default
