@@ -22,9 +22,12 @@ falls back to it for shapes it does not cover. The models use them when built wi
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def layout(t: torch.Tensor) -> torch.memory_format:
@@ -83,17 +86,44 @@ def _even(x: torch.Tensor) -> bool:
     return x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
 
 
+_SCRATCH = threading.local()
+SCRATCH_TENSORS = 8
+"""Scratch tensors kept per thread (a model's distinct patch shapes: 4 at 32 and 64 px)."""
+
+
+def scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor of `shape`, reused by every call with the same name, shape, dtype and device.
+
+    The patch matrices are tens of MB, allocated and freed several times a step; freed, glibc hands
+    them back to the kernel, and faulting them in again cost about 20 huge-page and 1,500 small
+    page faults a step (docs/benchmarks.md). Its contents are the caller's until the next call
+    with the same key in the same thread; the oldest of more than `SCRATCH_TENSORS` is dropped.
+    """
+    tensors: dict = _SCRATCH.__dict__.setdefault("tensors", {})
+    key = (name, shape, like.dtype, like.device)
+    if key not in tensors:
+        if len(tensors) >= SCRATCH_TENSORS:
+            tensors.pop(next(iter(tensors)))
+        tensors[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return tensors[key]
+
+
 def im2col_s2k4(x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
     """The 4x4 patches a stride-2, padding-1 convolution of `x` [N, C, H, W] reads: [N*ho*wo, 16*C].
 
-    Columns in (kh, kw, c) order; 16 strided copies of the padded input, channels last.
+    Columns in (kh, kw, c) order. The input is padded channels last (only the one-pixel border
+    is zeroed), and the patches are one overlapping strided view of it, copied once. Both live in
+    `scratch` tensors: the result is valid until the next call for the same shapes in this thread.
     """
-    n, c = x.shape[:2]
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [N, H + 2, W + 2, C]
-    cols = torch.empty((n, ho, wo, 4, 4, c), dtype=x.dtype, device=x.device)
-    for kh in range(4):
-        for kw in range(4):
-            cols[:, :, :, kh, kw, :] = padded[:, kh : kh + 2 * ho : 2, kw : kw + 2 * wo : 2, :]
+    n, c, h, w = x.shape
+    padded = scratch("im2col_s2k4.padded", (n, h + 2, w + 2, c), x)
+    padded[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
+    for border in (padded[:, 0], padded[:, -1], padded[:, 1:-1, 0], padded[:, 1:-1, -1]):
+        border.zero_()
+    s_n, s_h, s_w, s_c = padded.stride()
+    patches = padded.as_strided((n, ho, wo, 4, 4, c), (s_n, 2 * s_h, 2 * s_w, s_h, s_w, s_c))
+    cols = scratch("im2col_s2k4.cols", (n, ho, wo, 4, 4, c), x)
+    cols.copy_(patches)
     return cols.view(n * ho * wo, 16 * c)
 
 
@@ -103,12 +133,13 @@ def weight_grad_s2k4(gy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     One [O, N*ho*wo] x [N*ho*wo, 16*C] matmul over the patches: the CPU's bf16 matmul runs near
     its peak where oneDNN's bf16 backward-weights convolution does not (bench/fast_layers.py).
     A transposed convolution's weight gradient [C_in, C_out, 4, 4] is this with the roles swapped:
-    `weight_grad_s2k4(x, gy)`.
+    `weight_grad_s2k4(x, gy)`. Not differentiable itself (the patches are scratch).
     """
     n, o, ho, wo = gy.shape
     c = x.shape[1]
     g = gy.permute(0, 2, 3, 1).reshape(n * ho * wo, o)
-    gw = torch.mm(g.t(), im2col_s2k4(x, ho, wo))  # [O, 16*C] in (kh, kw, c) order
+    with torch.no_grad():
+        gw = torch.mm(g.t(), im2col_s2k4(x, ho, wo))  # [O, 16*C] in (kh, kw, c) order
     return gw.view(o, 4, 4, c).permute(0, 3, 1, 2)
 
 
@@ -173,6 +204,7 @@ class _Wide(torch.autograd.Function):
         return conv(x, w, stride=2, padding=1)
 
     @staticmethod
+    @once_differentiable  # the patch matrix is scratch: nothing may keep it for a second derivative
     def backward(ctx, gy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # noqa: ANN001
         x, w = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]

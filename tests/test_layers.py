@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,9 @@ from dcgan.layers import (
     ProjectTranspose2d,
     WideConv2d,
     WideTranspose2d,
+    im2col_s2k4,
     phase_transpose,
+    scratch,
     weight_grad_s2k4,
 )
 from dcgan.models import Discriminator, Generator, ImageNetDiscriminator32
@@ -102,6 +106,46 @@ def test_weight_grad_s2k4_is_the_convolutions_weight_gradient(shape, fmt) -> Non
     gyt = torch.randn(yt.shape, dtype=torch.float64, generator=g)
     (want_t,) = torch.autograd.grad(yt, wt, gyt)
     torch.testing.assert_close(weight_grad_s2k4(gy, gyt), want_t)
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 8), (2, 5, 10, 6), (2, 4, 7, 9)])
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "channels_last"])
+def test_im2col_s2k4_copies_unfolds_patches(shape, fmt) -> None:  # noqa: ANN001
+    """Bit for bit the patches `unfold` reads (zeros at the border), reordered to (kh, kw, c) columns."""
+    x = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=fmt)
+    n, c, h, w = shape
+    ho, wo = (h - 2) // 2 + 1, (w - 2) // 2 + 1
+    want = F.unfold(x.float(), 4, padding=1, stride=2).view(n, c, 16, ho * wo).permute(0, 3, 2, 1)
+    assert torch.equal(im2col_s2k4(x, ho, wo).float(), want.reshape(n * ho * wo, 16 * c))
+
+
+def test_scratch_is_reused_per_key_and_thread_and_bounded() -> None:
+    """One allocation per (name, shape, dtype, device) and thread; the oldest goes beyond the bound."""
+    import dcgan.layers as layers
+
+    like = torch.zeros(1, dtype=torch.bfloat16)
+    a = scratch("t.a", (4, 5), like)
+    assert scratch("t.a", (4, 5), like) is a and a.is_contiguous() and a.dtype == torch.bfloat16
+    assert scratch("t.a", (4, 6), like) is not a and scratch("t.b", (4, 5), like) is not a
+    assert scratch("t.a", (4, 5), torch.zeros(1)) is not a  # float32: another tensor
+    other: list[torch.Tensor] = []
+    thread = threading.Thread(target=lambda: other.append(scratch("t.a", (4, 5), like)))
+    thread.start()
+    thread.join()
+    assert other[0] is not a
+    for i in range(layers.SCRATCH_TENSORS):
+        scratch("t.fill", (i + 1,), like)
+    assert len(layers._SCRATCH.tensors) == layers.SCRATCH_TENSORS
+    assert scratch("t.a", (4, 5), like) is not a  # dropped as the oldest
+
+
+def test_repeated_patch_matrices_reuse_their_memory() -> None:
+    """The step's patch matrices are scratch: the second call writes the first one's memory."""
+    x = torch.randn(2, 8, 8, 8).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    first = im2col_s2k4(x, 4, 4)
+    ptr, want = first.data_ptr(), first.clone()
+    second = im2col_s2k4(x * 2, 4, 4)
+    assert second.data_ptr() == ptr and torch.equal(second, want * 2)
 
 
 def test_uncovered_shapes_fall_back_to_torch() -> None:
