@@ -289,7 +289,10 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Option(help="training run directory (WORK/train/<run>)")],
     settings: EvaluateSettings,
-    checkpoint: Annotated[Path | None, typer.Option(help="a checkpoint of the run (default: its newest); an earlier one writes eval/<run>@<stem>")] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="a checkpoint of the run (default: its newest); an earlier one writes eval/<run>@<stem>"),
+    ] = None,
     boxes: Annotated[
         Path | None,
         typer.Option(
