@@ -50,8 +50,10 @@ def eval_dir_for(run_dir: Path, checkpoint: Path | None = None) -> Path:
     so comparing training lengths never writes over the evaluation of the run itself.
     """
     base = run_dir.parent.parent / "eval" / run_dir.name
-    newest = list_checkpoints(run_dir)[-1:]
-    if checkpoint is None or [Path(checkpoint).resolve()] == [p.resolve() for p in newest]:
+    if checkpoint is None:
+        return base
+    newest = list_checkpoints(run_dir)
+    if newest and Path(checkpoint).resolve() == newest[-1].resolve():
         return base
     return base.with_name(f"{run_dir.name}@{Path(checkpoint).stem}")
 
@@ -236,18 +238,19 @@ def svhn_task(run: str, checkpoint: str, settings: EvaluateSettings, device: str
 @task
 def write_report(run: str, out: str, metrics: dict) -> str:
     """<out>/report.md and metrics.json, the stage report, and the full report as a Prefect artifact."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", metrics)
-    md = render_report(out.name, metrics)
-    atomic_write_bytes(out / "report.md", md.encode())
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "metrics.json", metrics)
+    md = render_report(folder.name, metrics)
+    atomic_write_bytes(folder / "report.md", md.encode())
     # The stage report carries the latent walks inline instead of the figure links; the artifact
     # `eval-<run>-report` is the whole report with every figure inline.
     summary = "\n".join(line for line in md.splitlines() if "](figures/" not in line)
-    publish(Path(run).parent.parent, f"eval-{out.name}", summary, (out / "figures" / "latent_walks.png").read_bytes())
-    key = report_key(f"eval-{out.name}-report")
-    create_report_artifact(md, out, key=key, description="dcgan-pipeline: full evaluation report")
-    return str(out)
+    latent_walks = (folder / "figures" / "latent_walks.png").read_bytes()
+    publish(Path(run).parent.parent, f"eval-{folder.name}", summary, latent_walks)
+    key = report_key(f"eval-{folder.name}-report")
+    create_report_artifact(md, folder, key=key, description="dcgan-pipeline: full evaluation report")
+    return str(folder)
 
 
 @flow(name="evaluate")
