@@ -14,6 +14,7 @@ from dcgan.launch import run_dir_for, run_training
 from dcgan.registry import challenge, load_registry, register_run
 from dcgan.settings import TrainSettings
 from dcgan.train import TrainConfig, resolve_device
+from flows.evaluate import eval_dir_for
 from flows.reports import publish
 from flows.runtime import stage_lock
 from preprocessing.locks import LockSettings, reading_shards
@@ -82,7 +83,7 @@ def report_skipped_training(work: str, done: dict) -> dict:
     """Say why nothing was trained (log, stage report `training-skipped`); returns `done`."""
     get_run_logger().info("training skipped: %s", done["skipped"])
     run_dir = done["run_dir"]
-    evaluation = Path(run_dir).parent.parent / "eval" / Path(run_dir).name / "report.md"
+    evaluation = eval_dir_for(Path(run_dir)) / "report.md"
     md = (
         f"# Training: skipped\n\nNothing trained: {done['skipped']} (`{run_dir}`, checkpoint "
         f"`{Path(done['checkpoint']).name}`). New shards or other training settings train a new run; "

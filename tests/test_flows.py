@@ -249,6 +249,7 @@ def test_rerun_without_new_data_trains_nothing_and_says_why(
     assert [p.name for p in (work / "train").iterdir()] == [run.name] and len(load_registry(work).runs) == 1
     report = (work / "report.md").read_text()
     assert "# Training: skipped" in report and "--refresh train" in report and "# Evaluation" not in report
+    assert f"its last evaluation: `{work / 'eval' / run.name / 'report.md'}`" in report
     assert "# Shards" in report
 
     config["evaluate"] = {"enabled": False}
