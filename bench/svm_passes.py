@@ -8,7 +8,7 @@
    (random weights, seed 12345) in float32 and under bfloat16 autocast, with the relative
    difference of the two feature matrices.
 
-Each timing is the best of `--repeats` rounds, the variants alternating within a round.
+Each timing is the best of `--repeats` rounds after one untimed call each, the variants alternating within a round.
 
     python bench/svm_passes.py              # 45,000 rows (the protocol's fit split), 3,072 images
     python bench/svm_passes.py --rows 4096 --images 512   # quick
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +32,7 @@ from dcgan.evaluation import svm  # noqa: E402
 from dcgan.evaluation.cifar import load_labelled_images, seeded  # noqa: E402
 from dcgan.evaluation.features import extract_features  # noqa: E402
 from dcgan.models import ImageNetDiscriminator32  # noqa: E402
-
-
-def best_of(repeats: int, variants: dict) -> dict[str, float]:
-    """Best wall time of each variant over `repeats` alternating rounds."""
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(repeats):
-        for name, run in variants.items():
-            start = time.perf_counter()
-            run()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
+from dcgan.precision import fastest  # noqa: E402
 
 
 def pass_with_block(x: torch.Tensor, block: int) -> None:
@@ -61,13 +50,13 @@ def time_passes(rows: int, features: int, repeats: int) -> dict[str, float]:
     """Best time of one Hessian pass per variant (the matrices are freed on return)."""
     x = torch.randn(rows, features)
     xh = svm.hessian_copy(x, True)
-    return best_of(
-        repeats,
+    return fastest(
         {
             "float32, 256-row blocks (before)": lambda: pass_with_block(x, 256),
             "float32, 32-row blocks": lambda: pass_with_block(x, 32),
             "bfloat16 copy, 1024-row blocks": lambda: pass_with_block(xh, 1024),
         },
+        rounds=repeats,
     )
 
 
@@ -94,12 +83,12 @@ def main() -> int:
     images, _ = load_labelled_images(SHARED / "data" / "cifar10" / "test.parquet", limit=args.images)
     D = seeded(ImageNetDiscriminator32(), 12345)
     out = {}
-    timings = best_of(
-        args.repeats,
+    timings = fastest(
         {
             p: lambda p=p: out.__setitem__(p, extract_features(D, images, precision=p).astype(np.float32))
             for p in ("fp32", "bf16")
         },
+        rounds=args.repeats,
     )
     error = np.linalg.norm(out["bf16"] - out["fp32"]) / np.linalg.norm(out["fp32"])
     print(f"\nD features of {args.images} CIFAR-10 test images (imagenet32 D, random weights)")
