@@ -6,7 +6,7 @@ faster than in float32; CPUs without them emulate it and run slower. "auto" ther
 product both ways, once per device and process, and training and evaluation share that decision.
 The timing warms both up and alternates them over several rounds: timed back to back once each,
 a busy moment (the pipeline's other threads, the Prefect server) once made this CPU's bfloat16
-look 1.68x slower than float32 instead of 0.43x, and a recipe trained in float32 at half speed.
+look 1.68x slower than float32 instead of 0.43x, and a recipe started training in float32 at 0.4x the speed.
 What bfloat16 changes is measured in docs/benchmarks.md:
 features within about 0.3% (relative) of float32's; the SVM's optimum not at all (its gradient
 stays float32, so only the Newton steps' directions are approximate).
