@@ -49,6 +49,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
 
 
+def eval_dir_for(run_dir: Path, checkpoint: Path | None = None) -> Path:
+    """`<work>/train/<run>` -> `<work>/eval/<run>` for the run's newest checkpoint.
+
+    An earlier checkpoint (or `best.pt`) is evaluated into `<work>/eval/<run>@<checkpoint stem>`,
+    so comparing training lengths never writes over the evaluation of the run itself.
+    """
+    base = run_dir.parent.parent / "eval" / run_dir.name
+    if checkpoint is None:
+        return base
+    newest = list_checkpoints(run_dir)
+    if newest and Path(checkpoint).resolve() == newest[-1].resolve():
+        return base
+    return base.with_name(f"{run_dir.name}@{Path(checkpoint).stem}")
+
+
 def encode_checkpoint(state: dict[str, Any]) -> bytes:
     """The checkpoint's bytes: equal states give equal bytes, whether or not they were loaded from a file."""
     buf = io.BytesIO()

@@ -13,7 +13,7 @@ import numpy as np
 from prefect import flow, task
 from torch import nn
 
-from dcgan.checkpoint import list_checkpoints
+from dcgan.checkpoint import eval_dir_for
 from dcgan.evaluation.arithmetic import parse_arithmetic, vector_arithmetic
 from dcgan.evaluation.cifar import cifar10_protocol, seeded
 from dcgan.evaluation.feature_removal import before_after_grid, feature_map_removal, load_boxes
@@ -41,21 +41,6 @@ from preprocessing.atomic import atomic_write_bytes, atomic_write_json
 from preprocessing.preview import tile
 
 RANDOM_D_SEED = 12345
-
-
-def eval_dir_for(run_dir: Path, checkpoint: Path | None = None) -> Path:
-    """`<work>/train/<run>` -> `<work>/eval/<run>` for the run's newest checkpoint.
-
-    An earlier checkpoint (or `best.pt`) is evaluated into `<work>/eval/<run>@<checkpoint stem>`,
-    so comparing training lengths never writes over the evaluation of the run itself.
-    """
-    base = run_dir.parent.parent / "eval" / run_dir.name
-    if checkpoint is None:
-        return base
-    newest = list_checkpoints(run_dir)
-    if newest and Path(checkpoint).resolve() == newest[-1].resolve():
-        return base
-    return base.with_name(f"{run_dir.name}@{Path(checkpoint).stem}")
 
 
 def _checkpoint(checkpoint: str | None) -> Path | None:

@@ -7,14 +7,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
-from dcgan.checkpoint import list_checkpoints
+from dcgan.checkpoint import eval_dir_for, list_checkpoints
 from dcgan.data import shard_urls
 from dcgan.evaluation.fixed_protocol import fixed_protocol
 from dcgan.launch import run_dir_for, run_training
 from dcgan.registry import challenge, load_registry, register_run
 from dcgan.settings import TrainSettings
 from dcgan.train import TrainConfig, resolve_device
-from flows.evaluate import eval_dir_for
 from flows.reports import publish
 from flows.runtime import stage_lock
 from preprocessing.locks import LockSettings, reading_shards
